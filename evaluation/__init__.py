@@ -1,0 +1,1 @@
+"""Datasets, ranx scoring, reports, plots and benchmarks."""

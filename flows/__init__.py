@@ -1,0 +1,1 @@
+"""Prefect flows and deployments: thin composition of the stages in ``tasks/``."""

@@ -1,0 +1,239 @@
+"""The loaded index: one in-process object that answers queries without the Prefect engine.
+
+It holds the encoder, the FDE parameters, the FAISS index over chunk FDEs and the token store.
+A query is encoded, turned into a query FDE, the ANN returns the top ``candidates`` chunks, their
+documents become the candidate set, every chunk of those documents is re-scored by exact MaxSim,
+and a document's score is the best of its chunks. The CLI, the batch flows and the HTTP service all
+go through :class:`LateIndex`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from storage import index_files as files
+from storage.manifest import IndexFormatError, read_manifest
+from tasks.ann import ANNConfig, configure_search, search_ann, to_device
+from tasks.encode import EncoderConfig, load_encoder, resolve_model_path
+from tasks.fde import FDEConfig, encode_query
+from tasks.rerank import group_max, maxsim_candidates, maxsim_exhaustive
+
+DEFAULT_CANDIDATES = 200
+
+
+@dataclass
+class SearchHit:
+    """One retrieved document with its best chunk (what a RAG application feeds its LLM)."""
+
+    doc_id: str
+    score: float
+    rank: int
+    chunk_id: int
+    text: str
+    char_start: int
+    char_end: int
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QueryTokens:
+    """An encoded query: unit vectors (float32), their token ids, and per-token weights (PRF)."""
+
+    vectors: np.ndarray
+    token_ids: np.ndarray
+    weights: np.ndarray | None = None
+
+
+class LateIndex:
+    """An opened lateflow index folder. Thread-safe for concurrent searches.
+
+    Use :meth:`open`; see the module docstring for how a query is answered.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], device: str | None = None, ann: ANNConfig | None = None) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.device = device
+        self.fde_config = FDEConfig.from_dict(manifest["fde"])
+        chunks = pq.read_table(path / files.CHUNKS_FILE, columns=["doc_id", "ordinal", "char_start", "char_end", "text"])
+        self.chunk_doc_ids = chunks.column("doc_id").to_pylist()
+        self.chunk_text = chunks.column("text")
+        self.chunk_char_start = chunks.column("char_start").to_numpy()
+        self.chunk_char_end = chunks.column("char_end").to_numpy()
+        # chunks of a document are contiguous: doc i owns chunks doc_chunk_offsets[i]:doc_chunk_offsets[i+1]
+        starts = [0] + [i for i in range(1, len(self.chunk_doc_ids)) if self.chunk_doc_ids[i] != self.chunk_doc_ids[i - 1]]
+        self.doc_chunk_offsets = np.array(starts + [len(self.chunk_doc_ids)], dtype=np.int64)
+        self.doc_ids = [self.chunk_doc_ids[s] for s in starts]
+        self.chunk_doc = np.repeat(np.arange(len(self.doc_ids)), np.diff(self.doc_chunk_offsets))
+        docs = pq.read_table(path / files.DOCS_FILE, columns=["doc_id", "title", "metadata"])
+        doc_rows = {d: i for i, d in enumerate(docs.column("doc_id").to_pylist())}
+        missing = [d for d in self.doc_ids if d not in doc_rows]
+        if missing:
+            raise IndexFormatError(f"{path / files.DOCS_FILE}: no row for chunk documents such as {missing[0]!r}")
+        titles, metas = docs.column("title").to_pylist(), docs.column("metadata").to_pylist()
+        self.doc_titles = [titles[doc_rows[d]] or "" for d in self.doc_ids]
+        self.doc_metadata = [metas[doc_rows[d]] for d in self.doc_ids]
+        self.tokens = files.read_token_store(path / files.TOKENS_FILE)
+        if self.tokens.n_chunks != len(self.chunk_doc_ids):
+            raise IndexFormatError(f"{path / files.TOKENS_FILE}: {self.tokens.n_chunks} chunks, chunks.parquet has {len(self.chunk_doc_ids)}")
+        self.ann_config = ann or ANNConfig(**{k: v for k, v in manifest["ann"].items() if k in ANNConfig.__dataclass_fields__})
+        index = files.read_faiss(path / files.ANN_FILE)
+        if index.ntotal != self.tokens.n_chunks or index.d != self.fde_config.output_dim:
+            raise IndexFormatError(f"{path / files.ANN_FILE}: {index.ntotal} x {index.d} vectors, expected {self.tokens.n_chunks} x {self.fde_config.output_dim}")
+        configure_search(index, self.ann_config)
+        self.ann = to_device(index)
+        self._encoder_lock = threading.Lock()
+        self._encoder = None
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, device: str | None = None, verify: bool = False, ann: ANNConfig | None = None) -> "LateIndex":
+        """Open an index folder built by ``lateflow index``.
+
+        Parameters
+        ----------
+        path
+            The index folder.
+        device
+            Encoder device (None: cuda when present, else cpu).
+        verify
+            Also check every artifact's sha256 against the manifest (reads every byte).
+        ann
+            Override search-time ANN knobs (``hnsw_ef_search``, ``ivf_nprobe``).
+        """
+        path = Path(path)
+        manifest = read_manifest(path, verify_hashes=verify)
+        return cls(path, manifest, device=device, ann=ann)
+
+    @property
+    def encoder(self):
+        """The query encoder, loaded on first use (opening an index for inspection stays cheap)."""
+        if self._encoder is None:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    enc = self.manifest["encoding"]
+                    config = EncoderConfig(
+                        model_path=resolve_model_path(self.manifest["model"]["path"]),
+                        precision=enc["precision"],
+                        drop_punctuation=enc["drop_punctuation"],
+                        max_query_tokens=enc.get("max_query_tokens", 128),
+                    )
+                    self._encoder = load_encoder(config, self.device)
+        return self._encoder
+
+    @property
+    def index_id(self) -> str:
+        return self.manifest["index_id"]
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    # -- query side ------------------------------------------------------------------------------
+    def encode(self, query: str) -> QueryTokens:
+        """Encode one query (raises ValueError for an empty one)."""
+        token_ids, vectors = self.encoder.encode_query(query)
+        return QueryTokens(vectors=vectors, token_ids=token_ids)
+
+    def encode_many(self, queries: Sequence[str]) -> list[QueryTokens]:
+        """Encode many queries in length-bucketed batches."""
+        return [QueryTokens(vectors=v, token_ids=t) for t, v in self.encoder.encode_queries(queries)]
+
+    def candidate_documents(self, query: QueryTokens, candidates: int) -> np.ndarray:
+        """Documents of the ANN's top ``candidates`` chunks for the query's FDE (first-seen order)."""
+        fde = encode_query(query.vectors, self.fde_config)
+        _, rows = search_ann(self.ann, fde[None, :], candidates)
+        rows = rows[0][rows[0] >= 0]
+        docs = self.chunk_doc[rows]
+        _, first = np.unique(docs, return_index=True)
+        return docs[np.sort(first)]
+
+    def score_documents(self, query: QueryTokens, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (weighted) MaxSim of every chunk of the given documents; (best score, best chunk) per doc."""
+        if len(doc_indices) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        starts, ends = self.doc_chunk_offsets[doc_indices], self.doc_chunk_offsets[doc_indices + 1]
+        counts = ends - starts
+        group_offsets = np.zeros(len(doc_indices) + 1, dtype=np.int64)
+        np.cumsum(counts, out=group_offsets[1:])
+        chunk_ids = np.repeat(starts - group_offsets[:-1], counts) + np.arange(group_offsets[-1])
+        scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights)
+        best, arg = group_max(scores, group_offsets)
+        return best, chunk_ids[arg]
+
+    def rank(self, query: QueryTokens, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES) -> list[tuple[int, float, int]]:
+        """FDE + ANN candidates, exact MaxSim rerank: ``(doc index, score, best chunk id)``, best first."""
+        docs = self.candidate_documents(query, candidates)
+        scores, best_chunks = self.score_documents(query, docs)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
+
+    def rank_fde_only(self, query: QueryTokens, k: int = 10) -> list[tuple[int, float, int]]:
+        """FDE + ANN only, no rerank: a document's score is its best chunk's FDE inner product."""
+        fde = encode_query(query.vectors, self.fde_config)
+        scores, rows = search_ann(self.ann, fde[None, :], max(k * 4, k + 16))
+        out, seen = [], set()
+        for score, row in zip(scores[0], rows[0]):
+            if row < 0:
+                continue
+            doc = int(self.chunk_doc[row])
+            if doc not in seen:
+                seen.add(doc)
+                out.append((doc, float(score), int(row)))
+            if len(out) == k:
+                break
+        return out
+
+    def rank_exhaustive(self, queries: Sequence[QueryTokens], k: int = 100) -> list[list[tuple[int, float, int]]]:
+        """Brute-force MaxSim over every chunk of every document: the quality ceiling (no ANN)."""
+        chunk_scores = maxsim_exhaustive([q.vectors for q in queries], self.tokens.vectors, self.tokens.offsets)
+        results = []
+        for row in chunk_scores:
+            best, arg = group_max(row, self.doc_chunk_offsets)
+            top = np.argsort(-best, kind="stable")[:k]
+            results.append([(int(d), float(best[d]), int(arg[d])) for d in top])
+        return results
+
+    def hit(self, doc: int, score: float, chunk: int, rank: int) -> SearchHit:
+        """Materialise one result with its best chunk's text and offsets."""
+        meta = self.doc_metadata[doc]
+        return SearchHit(
+            doc_id=self.doc_ids[doc],
+            score=score,
+            rank=rank,
+            chunk_id=chunk,
+            text=self.chunk_text[chunk].as_py(),
+            char_start=int(self.chunk_char_start[chunk]),
+            char_end=int(self.chunk_char_end[chunk]),
+            title=self.doc_titles[doc],
+            metadata=json.loads(meta) if meta else {},
+        )
+
+    def search(self, query: str, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES) -> list[SearchHit]:
+        """Top ``k`` documents for a query text (FDE + ANN candidates, exact MaxSim rerank).
+
+        Parameters
+        ----------
+        query
+            The query text; an empty query raises ValueError.
+        k
+            Number of documents to return (at least 1).
+        candidates
+            Number of chunks the ANN returns before reranking; more is slower and closer to exact.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {candidates}")
+        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k))
+        return [self.hit(d, s, c, r) for r, (d, s, c) in enumerate(ranked, start=1)]

