@@ -23,7 +23,7 @@ from storage import index_files as files
 from storage.atomic import atomic_path, write_parquet
 from storage.corpus import Corpus, read_corpus
 from storage.hashing import sha256_file, sha256_tree, stable_key
-from storage.manifest import library_versions, write_manifest
+from storage.manifest import IndexFormatError, library_versions, read_manifest, write_manifest
 from storage.schemas import REJECTED
 from tasks.ann import ANNConfig, build_ann
 from tasks.chunk import ChunkConfig, chunk_task
@@ -183,6 +183,14 @@ def _prune_cache(cache: Path, keep: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _current_manifest(index_dir: Path) -> dict[str, Any] | None:
+    """The index's manifest if it opens cleanly (sizes checked), else None."""
+    try:
+        return read_manifest(index_dir)
+    except IndexFormatError:
+        return None
+
+
 @flow(name="index", log_prints=True)
 def index_flow(corpus: str, index_dir: str, config: IndexConfig = IndexConfig()) -> dict[str, Any]:
     """Build (or bring up to date) the index of ``corpus`` in ``index_dir``; return the manifest.
@@ -211,6 +219,10 @@ def index_flow(corpus: str, index_dir: str, config: IndexConfig = IndexConfig())
     )
     corpus_data = load_corpus_task(corpus, config.on_error)
     shards = _shard_files(corpus_data, cache, config, model_path, fde_config)
+    build_key = stable_key([s["fde"] for s in shards], config.ann.to_dict(), corpus_data.rejected.num_rows)
+    current = _current_manifest(out)
+    if current is not None and current.get("build_key") == build_key:
+        return current  # the index already holds exactly this input and these settings
     for shard in shards:
         chunk_task(shard["docs"], shard["chunks"], model_path, config.chunk)
         encode_task(shard["chunks"], shard["tokens"], encoder_config, config.device)
@@ -227,6 +239,7 @@ def index_flow(corpus: str, index_dir: str, config: IndexConfig = IndexConfig())
         "counts": facts,
         "versions": library_versions(),
         "build_seconds": round(time.perf_counter() - started, 3),
+        "build_key": build_key,
     }
     manifest = write_manifest(
         out, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]

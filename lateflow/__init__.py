@@ -7,6 +7,17 @@ The Python API for applications::
     for hit in index.search("How do statins affect cholesterol?", k=5):
         print(hit.doc_id, hit.score, hit.text)
 """
-from lateflow.engine import LateIndex, SearchHit
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["LateIndex", "SearchHit"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported lazily so that `lateflow --help` does not pay for torch and transformers
+    if name in __all__:
+        from lateflow import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)

@@ -38,6 +38,27 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad corpus records: stop (default) or skip and record in rejected.parquet")
 
 
+def _add_prf_options(p: argparse.ArgumentParser, with_switch: bool) -> None:
+    from tasks.prf import PRF_MODES, PRFConfig
+
+    d = PRFConfig()
+    g = p.add_argument_group("ColBERT-PRF (pseudo-relevance feedback)")
+    if with_switch:
+        g.add_argument("--prf", action="store_true", help="expand the query with ColBERT-PRF before the final ranking")
+        g.add_argument("--prf-mode", choices=PRF_MODES, default=d.mode, help=f"rerank the first pass, or retrieve again with the expanded query (default {d.mode})")
+    g.add_argument("--prf-fb-docs", type=int, default=d.fb_docs, help=f"feedback documents (default {d.fb_docs})")
+    g.add_argument("--prf-k", type=int, default=d.k, help=f"k-means clusters; must exceed --prf-fb-embs (default {d.k})")
+    g.add_argument("--prf-fb-embs", type=int, default=d.fb_embs, help=f"expansion embeddings kept (default {d.fb_embs})")
+    g.add_argument("--prf-beta", type=float, default=d.beta, help=f"weight of expansion embeddings, times IDF (default {d.beta})")
+
+
+def prf_config_from_args(args: argparse.Namespace):
+    """PRFConfig from the options of :func:`_add_prf_options` (mode defaults to rerank)."""
+    from tasks.prf import PRFConfig
+
+    return PRFConfig(fb_docs=args.prf_fb_docs, k=args.prf_k, fb_embs=args.prf_fb_embs, beta=args.prf_beta, mode=getattr(args, "prf_mode", "rerank"))
+
+
 def index_config_from_args(args: argparse.Namespace):
     """Build an IndexConfig from the options added by :func:`_add_index_options`."""
     from flows.index import FDEParams, IndexConfig
@@ -92,8 +113,31 @@ def print_hits(hits, as_json: bool) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from lateflow.engine import LateIndex
 
+    prf = prf_config_from_args(args) if args.prf else None
     index = LateIndex.open(args.index, device=args.device)
-    print_hits(index.search(args.query, k=args.k, candidates=args.candidates), args.json)
+    print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf), args.json)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from evaluation.report import render_table
+    from flows.evaluate import evaluate_flow
+
+    command = " ".join(["lateflow", "evaluate", *map(str, sys.argv[2:])]) if sys.argv[1:2] == ["evaluate"] else None
+    report = evaluate_flow(
+        str(args.dataset),
+        str(args.out),
+        split=args.split,
+        systems=args.systems,
+        index_dir=str(args.index) if args.index else None,
+        config=index_config_from_args(args),
+        candidates=args.candidates,
+        prf=prf_config_from_args(args),
+        command=command,
+    )
+    print(f"\n{report['dataset']} ({report['split']}): {report['docs']} docs, {report['queries']} queries, {report['evaluation_seconds']:.0f} s\n")
+    print(render_table(report))
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -101,6 +145,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evaluation.demo import run_demo
 
     return run_demo(Path(args.workdir))
+
+
+def _system_names() -> tuple[str, ...]:
+    from evaluation.systems import ALL_SYSTEMS
+
+    return ALL_SYSTEMS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates to rerank (default {DEFAULT_CANDIDATES})")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    _add_prf_options(p, with_switch=True)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="score systems on a BEIR dataset with ranx", description="Evaluate lateflow and baselines on a BEIR-layout dataset (a Prefect flow); writes report.json, report.md, runs and plots.")
+    p.add_argument("dataset", type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--split", default="test", help="qrels split (default test)")
+    p.add_argument("--systems", nargs="+", default=None, metavar="NAME", help="systems to run (default: all): " + ", ".join(_system_names()))
+    p.add_argument("--index", type=Path, default=None, help="index folder to build or reuse (default OUT/index)")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates for fde-rerank (default {DEFAULT_CANDIDATES})")
+    _add_index_options(p)
+    _add_prf_options(p, with_switch=False)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="index and query the small dataset shipped with lateflow", description="Index the bundled LIMIT-small corpus, run sample searches and an evaluation.")
     p.add_argument("--workdir", default="lateflow-demo", help="folder for the demo's index and reports (default ./lateflow-demo)")

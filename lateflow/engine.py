@@ -23,7 +23,9 @@ from storage.manifest import IndexFormatError, read_manifest
 from tasks.ann import ANNConfig, configure_search, search_ann, to_device
 from tasks.encode import EncoderConfig, load_encoder, resolve_model_path
 from tasks.fde import FDEConfig, encode_query
-from tasks.rerank import group_max, maxsim_candidates, maxsim_exhaustive
+from tasks.idf import idf_lookup
+from tasks.prf import PRFConfig, expand_query, expansion_embeddings
+from tasks.rerank import gather_rows, group_max, maxsim_candidates, maxsim_exhaustive
 
 DEFAULT_CANDIDATES = 200
 
@@ -52,6 +54,7 @@ class QueryTokens:
 
     vectors: np.ndarray
     token_ids: np.ndarray
+    pooled: np.ndarray | None = None
     weights: np.ndarray | None = None
 
 
@@ -93,6 +96,9 @@ class LateIndex:
             raise IndexFormatError(f"{path / files.ANN_FILE}: {index.ntotal} x {index.d} vectors, expected {self.tokens.n_chunks} x {self.fde_config.output_dim}")
         configure_search(index, self.ann_config)
         self.ann = to_device(index)
+        idf_table = pq.read_table(path / files.IDF_FILE)
+        vocab = int(idf_table.column("token_id").to_numpy().max(initial=0)) + 1
+        self.idf = idf_lookup(idf_table, max(vocab, int(self.tokens.token_ids.max(initial=0)) + 1))
         self._encoder_lock = threading.Lock()
         self._encoder = None
 
@@ -142,16 +148,21 @@ class LateIndex:
     # -- query side ------------------------------------------------------------------------------
     def encode(self, query: str) -> QueryTokens:
         """Encode one query (raises ValueError for an empty one)."""
-        token_ids, vectors = self.encoder.encode_query(query)
-        return QueryTokens(vectors=vectors, token_ids=token_ids)
+        token_ids, vectors, pooled = self.encoder.encode_query(query)
+        return QueryTokens(vectors=vectors, token_ids=token_ids, pooled=pooled)
 
     def encode_many(self, queries: Sequence[str]) -> list[QueryTokens]:
         """Encode many queries in length-bucketed batches."""
-        return [QueryTokens(vectors=v, token_ids=t) for t, v in self.encoder.encode_queries(queries)]
+        return [QueryTokens(vectors=v, token_ids=t, pooled=p) for t, v, p in self.encoder.encode_queries(queries)]
+
+    def query_fde(self, query: QueryTokens) -> np.ndarray:
+        """The query's FDE; token weights (PRF) scale their vectors, which the FDE sums linearly."""
+        vectors = query.vectors if query.weights is None else query.vectors * query.weights[:, None]
+        return encode_query(vectors, self.fde_config)
 
     def candidate_documents(self, query: QueryTokens, candidates: int) -> np.ndarray:
         """Documents of the ANN's top ``candidates`` chunks for the query's FDE (first-seen order)."""
-        fde = encode_query(query.vectors, self.fde_config)
+        fde = self.query_fde(query)
         _, rows = search_ann(self.ann, fde[None, :], candidates)
         rows = rows[0][rows[0] >= 0]
         docs = self.chunk_doc[rows]
@@ -162,36 +173,59 @@ class LateIndex:
         """Exact (weighted) MaxSim of every chunk of the given documents; (best score, best chunk) per doc."""
         if len(doc_indices) == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        starts, ends = self.doc_chunk_offsets[doc_indices], self.doc_chunk_offsets[doc_indices + 1]
-        counts = ends - starts
-        group_offsets = np.zeros(len(doc_indices) + 1, dtype=np.int64)
-        np.cumsum(counts, out=group_offsets[1:])
-        chunk_ids = np.repeat(starts - group_offsets[:-1], counts) + np.arange(group_offsets[-1])
+        chunk_ids, group_offsets = gather_rows(self.doc_chunk_offsets, doc_indices)
         scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights)
         best, arg = group_max(scores, group_offsets)
         return best, chunk_ids[arg]
 
-    def rank(self, query: QueryTokens, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES) -> list[tuple[int, float, int]]:
-        """FDE + ANN candidates, exact MaxSim rerank: ``(doc index, score, best chunk id)``, best first."""
+    def rank(
+        self, query: QueryTokens, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES, prf: PRFConfig | None = None
+    ) -> list[tuple[int, float, int]]:
+        """FDE + ANN candidates, exact MaxSim rerank, optional ColBERT-PRF.
+
+        Returns ``(doc index, score, best chunk id)``, best first. With ``prf`` in ``rerank`` mode the
+        first-pass candidates are re-scored with the expanded query; in ``retrieve`` mode the expanded
+        query goes through FDE + ANN again and its candidates are re-scored with it.
+        """
         docs = self.candidate_documents(query, candidates)
         scores, best_chunks = self.score_documents(query, docs)
+        if prf is not None:
+            order = np.argsort(-scores, kind="stable")
+            expanded = self.expand(query, docs[order[: prf.fb_docs]], prf)
+            if prf.mode == "retrieve":
+                docs = self.candidate_documents(expanded, candidates)
+            scores, best_chunks = self.score_documents(expanded, docs)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
 
+    def expand(self, query: QueryTokens, feedback_docs: np.ndarray, prf: PRFConfig) -> QueryTokens:
+        """ColBERT-PRF: append IDF-weighted centroids of the feedback documents' tokens to the query."""
+        if len(feedback_docs) == 0:
+            return query
+        chunk_ids, _ = gather_rows(self.doc_chunk_offsets, feedback_docs)
+        rows, _ = gather_rows(self.tokens.offsets, chunk_ids)
+        expansion = expansion_embeddings(self.tokens.vectors[rows], self.tokens.token_ids[rows], self.idf, prf)
+        vectors, weights = expand_query(query.vectors, expansion)
+        # FDEs are linear in the query tokens, so weighting a token = scaling its vector in the query FDE
+        return QueryTokens(vectors=vectors, token_ids=np.concatenate([query.token_ids, expansion.token_ids]), pooled=query.pooled, weights=weights)
+
     def rank_fde_only(self, query: QueryTokens, k: int = 10) -> list[tuple[int, float, int]]:
         """FDE + ANN only, no rerank: a document's score is its best chunk's FDE inner product."""
-        fde = encode_query(query.vectors, self.fde_config)
-        scores, rows = search_ann(self.ann, fde[None, :], max(k * 4, k + 16))
+        scores, rows = search_ann(self.ann, self.query_fde(query)[None, :], max(k * 4, k + 16))
+        return self.documents_of_chunks(scores[0], rows[0], k)
+
+    def documents_of_chunks(self, scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float, int]]:
+        """Turn a best-first chunk ranking into the first ``k`` distinct documents (score of their best chunk)."""
         out, seen = [], set()
-        for score, row in zip(scores[0], rows[0]):
+        for score, row in zip(scores, rows):
             if row < 0:
                 continue
             doc = int(self.chunk_doc[row])
             if doc not in seen:
                 seen.add(doc)
                 out.append((doc, float(score), int(row)))
-            if len(out) == k:
-                break
+                if len(out) == k:
+                    break
         return out
 
     def rank_exhaustive(self, queries: Sequence[QueryTokens], k: int = 100) -> list[list[tuple[int, float, int]]]:
@@ -219,7 +253,7 @@ class LateIndex:
             metadata=json.loads(meta) if meta else {},
         )
 
-    def search(self, query: str, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES) -> list[SearchHit]:
+    def search(self, query: str, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES, prf: PRFConfig | None = None) -> list[SearchHit]:
         """Top ``k`` documents for a query text (FDE + ANN candidates, exact MaxSim rerank).
 
         Parameters
@@ -230,10 +264,12 @@ class LateIndex:
             Number of documents to return (at least 1).
         candidates
             Number of chunks the ANN returns before reranking; more is slower and closer to exact.
+        prf
+            ColBERT-PRF settings (None: no feedback), see :class:`tasks.prf.PRFConfig`.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {candidates}")
-        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k))
+        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k), prf=prf)
         return [self.hit(d, s, c, r) for r, (d, s, c) in enumerate(ranked, start=1)]

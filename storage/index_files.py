@@ -49,7 +49,7 @@ def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
 def read_token_store(path: str | os.PathLike) -> TokenStore:
     """Load ``tokens.parquet`` into a :class:`TokenStore` (checks that chunk ids are 0..n-1 in order)."""
     path = Path(path)
-    table = _read(path)
+    table = _read(path, ["chunk_id", "token_ids", "embeddings"])
     chunk_ids = table.column("chunk_id").to_numpy()
     if not np.array_equal(chunk_ids, np.arange(len(chunk_ids))):
         raise IndexFormatError(f"{path}: chunk_id must run 0..n-1 in row order")
@@ -64,6 +64,12 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
     vectors = flat.reshape(-1, dim)[offsets[0] : offsets[-1]]
     token_ids = ids_col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return TokenStore(vectors=np.ascontiguousarray(vectors), token_ids=np.ascontiguousarray(token_ids), offsets=offsets - offsets[0])
+
+
+def read_pooled(path: str | os.PathLike) -> np.ndarray:
+    """The mean-pooled single vector of every chunk from ``tokens.parquet``, float32 (n_chunks, dim)."""
+    col = _read(Path(path), ["pooled"]).column("pooled").combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size).astype(np.float32)
 
 
 def read_fde(path: str | os.PathLike) -> np.ndarray:

@@ -46,12 +46,14 @@ CHUNKS = pa.schema(
 
 
 def tokens_schema(dim: int) -> pa.Schema:
-    """Token-embedding store: per chunk, the kept token ids and their float16 unit vectors."""
+    """Token-embedding store: per chunk, the kept token ids, their float16 unit vectors, and the pooled vector."""
     return pa.schema(
         [
             pa.field("chunk_id", pa.int64(), nullable=False),
             pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("embeddings", pa.list_(pa.list_(pa.float16(), dim)), nullable=False),
+            # unit mean-pooled vector of the chunk (all real tokens): the single-vector baseline
+            pa.field("pooled", pa.list_(pa.float16(), dim), nullable=False),
         ]
     )
 

@@ -168,10 +168,13 @@ class Encoder:
 
     # -- low level -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward_batch(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Run the model on id sequences (special tokens added here); return (hidden, mask) as numpy.
+    def forward_batch(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run the model on id sequences (special tokens added here); return numpy arrays.
 
-        ``hidden`` is float32 (batch, length, dim) of L2-normalised vectors; ``mask`` marks real tokens.
+        ``hidden``: float32 (batch, length, dim) L2-normalised token vectors; ``ids``: the padded input
+        ids; ``pooled``: float32 (batch, dim) L2-normalised mean of the raw hidden states over the real
+        tokens (sentence-transformers mean pooling), the single-vector ``dense`` baseline, which costs
+        nothing extra here.
         """
         cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         pad_id = self.tokenizer.pad_token_id or 0
@@ -186,8 +189,11 @@ class Encoder:
         autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
         with autocast:
             hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        return hidden.cpu().numpy(), ids
+        hidden = hidden.float()
+        weights = attention.unsqueeze(-1).float()
+        pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+        hidden = torch.nn.functional.normalize(hidden, dim=-1)
+        return hidden.cpu().numpy(), ids, pooled.cpu().numpy()
 
     def _keep_mask(self, ids: np.ndarray, is_query: bool) -> np.ndarray:
         keep = ~np.isin(ids, self.special_ids)
@@ -199,10 +205,11 @@ class Encoder:
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], *, is_query: bool = False, progress: bool = False
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield ``(index, token_ids, vectors)`` per input sequence, in length-bucketed order.
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(index, token_ids, vectors, pooled)`` per input sequence, in length-bucketed order.
 
-        ``vectors`` is float32 (n_kept, dim), unit norm; ``token_ids`` the ids of the kept tokens.
+        ``vectors`` is float32 (n_kept, dim), unit norm; ``token_ids`` the ids of the kept tokens;
+        ``pooled`` the unit mean-pooled vector of the whole sequence (see :meth:`forward_batch`).
         """
         limit = self.max_length - 2
         for i, seq in enumerate(sequences):
@@ -216,28 +223,31 @@ class Encoder:
 
             bar = tqdm(total=int(sum(lengths)), unit="tok", desc="encode", leave=False)
         for batch in batches:
-            hidden, ids = self.forward_batch([sequences[i] for i in batch])
+            hidden, ids, pooled = self.forward_batch([sequences[i] for i in batch])
             keep = self._keep_mask(ids, is_query)
             for row, index in enumerate(batch):
-                yield int(index), ids[row][keep[row]].astype(np.int32), hidden[row][keep[row]]
+                yield int(index), ids[row][keep[row]].astype(np.int32), hidden[row][keep[row]], pooled[row]
             if bar is not None:
                 bar.update(int(sum(lengths[i] for i in batch)))
         if bar is not None:
             bar.close()
 
     # -- queries ---------------------------------------------------------------------------------
-    def encode_query(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and unit vectors (float32) of one query; raises ValueError on an empty query."""
+    def encode_query(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids, unit token vectors and the pooled vector (float32) of one query.
+
+        Raises ValueError for an empty query.
+        """
         if not text or not text.strip():
             raise ValueError("the query is empty")
         ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         ids = ids[: self.config.max_query_tokens]
         if not ids:
             raise ValueError(f"the query {text!r} has no token the model can read")
-        (_, token_ids, vectors), = self.encode_ids([ids], is_query=True)
-        return token_ids, vectors
+        (_, token_ids, vectors, pooled), = self.encode_ids([ids], is_query=True)
+        return token_ids, vectors, pooled
 
-    def encode_queries(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_queries(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Batched :meth:`encode_query` for many queries, results in input order."""
         for t in texts:
             if not t or not t.strip():
@@ -248,8 +258,8 @@ class Encoder:
             if not ids:
                 raise ValueError(f"the query {text!r} has no token the model can read")
         out: list[Any] = [None] * len(texts)
-        for index, token_ids, vectors in self.encode_ids(all_ids, is_query=True):
-            out[index] = (token_ids, vectors)
+        for index, token_ids, vectors, pooled in self.encode_ids(all_ids, is_query=True):
+            out[index] = (token_ids, vectors, pooled)
         return out
 
 
@@ -267,13 +277,14 @@ def encode_chunks(chunks: pa.Table, encoder: Encoder, *, progress: bool = False)
     sequences = chunks.column("input_ids").to_pylist()
     token_ids: list[Any] = [None] * len(sequences)
     vectors: list[Any] = [None] * len(sequences)
-    for index, ids, vecs in encoder.encode_ids(sequences, progress=progress):
-        token_ids[index], vectors[index] = ids, vecs.astype(np.float16)
-    return tokens_table(chunks.column("chunk_id"), token_ids, vectors, encoder.dim)
+    pooled = np.zeros((len(sequences), encoder.dim), dtype=np.float16)
+    for index, ids, vecs, pool in encoder.encode_ids(sequences, progress=progress):
+        token_ids[index], vectors[index], pooled[index] = ids, vecs.astype(np.float16), pool
+    return tokens_table(chunks.column("chunk_id"), token_ids, vectors, pooled, encoder.dim)
 
 
-def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Sequence[np.ndarray], dim: int) -> pa.Table:
-    """Build a token-store table from per-chunk id arrays and (n_i, dim) float16 matrices."""
+def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Sequence[np.ndarray], pooled: np.ndarray, dim: int) -> pa.Table:
+    """Build a token-store table from per-chunk id arrays, (n_i, dim) float16 matrices and pooled vectors."""
     lengths = np.array([len(t) for t in token_ids], dtype=np.int32)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -286,6 +297,7 @@ def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Seque
             pa.array(chunk_ids, type=pa.int64()) if not isinstance(chunk_ids, pa.ChunkedArray) else chunk_ids,
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids.astype(np.int32))),
             pa.ListArray.from_arrays(pa.array(offsets), inner),
+            pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(pooled, np.float16).reshape(-1)), dim),
         ],
         schema=schema,
     )

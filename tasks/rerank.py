@@ -57,10 +57,14 @@ def maxsim(query: np.ndarray, doc: np.ndarray) -> float:
     return float(maxsim_kernel(query, doc, np.array([0, len(doc)]))[0]) if len(doc) else float("-inf")
 
 
-def gather_sets(tokens: np.ndarray, offsets: np.ndarray, set_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Copy the rows of the chosen sets into a new contiguous store; return (rows, new offsets).
+def gather_rows(offsets: np.ndarray, set_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the chosen CSR sets, concatenated, and the new offsets of each set among them.
 
-    A plain numpy fancy-index gather (much faster than torch.index_select on padded tensors).
+    Examples
+    --------
+    >>> rows, new = gather_rows(np.array([0, 2, 2, 5]), np.array([2, 0]))
+    >>> rows.tolist(), new.tolist()
+    ([2, 3, 4, 0, 1], [0, 3, 5])
     """
     set_ids = np.asarray(set_ids, dtype=np.int64)
     starts, ends = offsets[set_ids], offsets[set_ids + 1]
@@ -69,6 +73,15 @@ def gather_sets(tokens: np.ndarray, offsets: np.ndarray, set_ids: np.ndarray) ->
     np.cumsum(lengths, out=new_offsets[1:])
     # row index = start of its set + position within the set, built without a Python loop
     rows = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return rows, new_offsets
+
+
+def gather_sets(tokens: np.ndarray, offsets: np.ndarray, set_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Copy the rows of the chosen sets into a new contiguous store; return (rows, new offsets).
+
+    A plain numpy fancy-index gather (much faster than torch.index_select on padded tensors).
+    """
+    rows, new_offsets = gather_rows(offsets, set_ids)
     return tokens[rows], new_offsets
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and quality measured side by side in one run (never timed assertions in tests)."""

@@ -1,0 +1,149 @@
+"""Pipeline benchmark: indexing throughput of the whole flow vs the bare encoder, and query latency
+of FDE + ANN + exact rerank vs brute-force MaxSim, measured side by side in one run.
+
+Run::
+
+    .venv/bin/python -m evaluation.benchmarks.pipeline --corpus ../shared/datasets/scifact --docs 1000 \
+        --index idx/scifact --queries ../shared/datasets/scifact/queries.jsonl
+
+* Throughput: the first ``--docs`` documents are chunked, then (1) the bare encoder forward pass
+  runs over exactly those chunks with the same length-bucketed batches, and (2) the whole index flow
+  (load, chunk, encode, FDE, ANN, Parquet writes, manifest) runs on the same documents into a fresh
+  folder. Both count the same chunk tokens; the ratio is flow tokens/s over bare tokens/s.
+* Latency: per query, in-process, after warm-up, query encoding included: ``fde-rerank`` (the default
+  search path) against ``maxsim-exact`` (brute force over every document) on the index given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flows.settings import apply_quiet_defaults
+
+apply_quiet_defaults()
+
+
+def _percentiles(samples_ms: list[float]) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(samples_ms, 50)), 2), "p95": round(float(np.percentile(samples_ms, 95)), 2)}
+
+
+def measure_throughput(corpus: Path, n_docs: int, config) -> dict[str, float]:
+    """Bare encoder vs whole index flow on the same first ``n_docs`` documents."""
+    from flows.index import index_flow
+    from storage.corpus import read_corpus
+    from storage.atomic import write_parquet
+    from tasks.chunk import chunk_documents
+    from tasks.encode import EncoderConfig, length_buckets, load_encoder, resolve_model_path
+
+    docs = read_corpus(corpus).docs.slice(0, n_docs)
+    work = Path(tempfile.mkdtemp(prefix="lateflow-bench-"))
+    sample = work / "corpus.parquet"
+    sample_table = docs.select(["doc_id", "title", "text"]).rename_columns(["_id", "title", "text"])
+    write_parquet(sample_table, sample)
+    model_path = resolve_model_path(config.model)
+    encoder = load_encoder(EncoderConfig(model_path=model_path, precision=config.precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens), config.device)
+    chunks = chunk_documents(docs, encoder.tokenizer, config.chunk)
+    sequences = chunks.column("input_ids").to_pylist()
+    n_tokens = sum(len(s) for s in sequences)
+    encoder.forward_batch(sequences[:8])  # warm-up
+    started = time.perf_counter()
+    for batch in length_buckets([len(s) for s in sequences], config.batch_tokens, encoder.config.max_batch_size):
+        encoder.forward_batch([sequences[i] for i in batch])
+    bare_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    manifest = index_flow(str(sample), str(work / "index"), config)
+    flow_wall = time.perf_counter() - started
+    flow_seconds = manifest["build_seconds"]
+    return {
+        "docs": n_docs,
+        "chunks": chunks.num_rows,
+        "chunk_tokens": n_tokens,
+        "bare_encoder_seconds": round(bare_seconds, 2),
+        "bare_encoder_tokens_per_s": round(n_tokens / bare_seconds, 1),
+        "flow_seconds": round(flow_seconds, 2),
+        "flow_wall_seconds_incl_prefect": round(flow_wall, 2),
+        "flow_tokens_per_s": round(n_tokens / flow_seconds, 1),
+        "flow_vs_bare": round(bare_seconds / flow_seconds, 3),
+    }
+
+
+def measure_latency(index_dir: Path, queries_file: Path, n_queries: int, candidates: int) -> dict[str, object]:
+    """Per-query latency (encode included) of fde-rerank vs brute-force MaxSim on one index."""
+    from lateflow.engine import LateIndex
+
+    index = LateIndex.open(index_dir)
+    texts = [json.loads(line)["text"] for line in queries_file.read_text(encoding="utf-8").splitlines() if line.strip()][:n_queries]
+    for text in texts[:3]:  # warm-up: model, BLAS, FAISS
+        index.rank(index.encode(text), 10, candidates=candidates)
+        index.rank_exhaustive([index.encode(text)], 10)
+    fde_ms, exact_ms, overlap = [], [], []
+    for text in texts:
+        t0 = time.perf_counter()
+        fast = index.rank(index.encode(text), 10, candidates=candidates)
+        t1 = time.perf_counter()
+        exact = index.rank_exhaustive([index.encode(text)], 10)[0]
+        t2 = time.perf_counter()
+        fde_ms.append((t1 - t0) * 1000)
+        exact_ms.append((t2 - t1) * 1000)
+        overlap.append(len({d for d, _, _ in fast} & {d for d, _, _ in exact}) / 10)
+    fde_p, exact_p = _percentiles(fde_ms), _percentiles(exact_ms)
+    return {
+        "index": str(index_dir),
+        "docs": len(index),
+        "chunks": index.tokens.n_chunks,
+        "tokens": int(index.tokens.offsets[-1]),
+        "queries": len(texts),
+        "candidates": candidates,
+        "fde_rerank_ms": fde_p,
+        "maxsim_exact_ms": exact_p,
+        "speedup_p50": round(exact_p["p50"] / fde_p["p50"], 1),
+        "top10_overlap_with_exact": round(float(np.mean(overlap)), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluation.machine import describe_machine, machine_line
+    from flows.index import IndexConfig
+    from lateflow.engine import DEFAULT_CANDIDATES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, required=True, help="corpus for the throughput run")
+    parser.add_argument("--docs", type=int, default=1000, help="documents in the throughput run (default 1000)")
+    parser.add_argument("--index", type=Path, help="an index built with `lateflow index` for the latency run")
+    parser.add_argument("--queries", type=Path, help="queries.jsonl for the latency run")
+    parser.add_argument("--n-queries", type=int, default=100)
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    machine = describe_machine()
+    result: dict[str, object] = {"machine": machine}
+    print(f"machine: {machine_line(machine)}")
+    thr = measure_throughput(args.corpus, args.docs, IndexConfig())
+    result["throughput"] = thr
+    print(
+        f"indexing {thr['docs']} docs / {thr['chunks']} chunks / {thr['chunk_tokens']} tokens: bare encoder "
+        f"{thr['bare_encoder_tokens_per_s']} tok/s ({thr['bare_encoder_seconds']} s), whole flow {thr['flow_tokens_per_s']} tok/s "
+        f"({thr['flow_seconds']} s in the flow, {thr['flow_wall_seconds_incl_prefect']} s wall incl. Prefect start): "
+        f"flow = {thr['flow_vs_bare']:.1%} of bare (target >= 90%)"
+    )
+    if args.index and args.queries:
+        lat = measure_latency(args.index, args.queries, args.n_queries, args.candidates)
+        result["latency"] = lat
+        print(
+            f"latency over {lat['queries']} queries on {lat['docs']} docs / {lat['chunks']} chunks / {lat['tokens']} tokens "
+            f"(encode included): fde-rerank p50 {lat['fde_rerank_ms']['p50']} ms p95 {lat['fde_rerank_ms']['p95']} ms; "
+            f"maxsim-exact p50 {lat['maxsim_exact_ms']['p50']} ms p95 {lat['maxsim_exact_ms']['p95']} ms; "
+            f"speed-up {lat['speedup_p50']}x; top-10 overlap with exact {lat['top10_overlap_with_exact']:.3f}"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""BEIR-layout evaluation datasets: queries and qrels, validated.
+
+Layout: ``corpus.jsonl``, ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv``
+(``query-id<TAB>corpus-id<TAB>score`` with a header line). SciFact-style folders that keep a split in
+``<split>/qrels.tsv`` (+ ``<split>/queries.jsonl``) are read too.
+
+Policy for bad qrels (each case is counted and reported in ``report.json`` under ``dataset_issues``):
+
+* a qrels line naming a document that is not in the corpus: dropped (it can never be retrieved;
+  keeping it would only lower every system equally) and counted;
+* a qrels line naming a query that is not in the queries file: dropped and counted;
+* the same (query, document) pair twice: an error if the scores differ, otherwise counted and kept once;
+* a malformed line (not three fields, a non-integer score): an error naming file and line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be evaluated; the message names the file and line."""
+
+
+@dataclass
+class EvalDataset:
+    """Queries with at least one judgment in the split, and their qrels."""
+
+    name: str
+    root: Path
+    split: str
+    corpus_path: Path
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    issues: dict[str, int] = field(default_factory=dict)
+
+
+def _split_files(root: Path, split: str) -> tuple[Path, Path]:
+    candidates = [(root / "qrels" / f"{split}.tsv", root / "queries.jsonl"), (root / split / "qrels.tsv", root / split / "queries.jsonl")]
+    for qrels, queries in candidates:
+        if qrels.is_file():
+            if not queries.is_file():
+                queries = root / "queries.jsonl"
+            return qrels, queries
+    available = sorted({p.stem for p in (root / "qrels").glob("*.tsv")} | {p.parent.name for p in root.glob("*/qrels.tsv")})
+    raise DatasetError(f"{root}: no qrels for split {split!r} (looked for qrels/{split}.tsv and {split}/qrels.tsv); available splits: {available or 'none'}")
+
+
+def read_queries(path: Path) -> dict[str, str]:
+    """``_id -> text`` from a queries.jsonl, with errors naming file and line."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing queries file")
+    queries: dict[str, str] = {}
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path}:{line_no}: bytes are not valid UTF-8") from exc
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or "_id" not in record or not isinstance(record.get("text"), str):
+                raise DatasetError(f"{path}:{line_no}: a query needs '_id' and a string 'text'")
+            qid = str(record["_id"])
+            if qid in queries:
+                raise DatasetError(f"{path}:{line_no}: duplicate query _id {qid!r}")
+            queries[qid] = record["text"]
+    return queries
+
+
+def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], int]:
+    """Qrels as ``{query: {doc: score}}`` and the number of duplicate lines (identical scores)."""
+    qrels: dict[str, dict[str, int]] = {}
+    duplicates = 0
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if line_no == 1 and parts[0] in ("query-id", "query_id", "qid"):
+                continue
+            if len(parts) == 4:  # TREC qrels: qid 0 docid score
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                raise DatasetError(f"{path}:{line_no}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}")
+            qid, did, score_text = parts
+            try:
+                score = int(score_text)
+            except ValueError as exc:
+                raise DatasetError(f"{path}:{line_no}: score {score_text!r} is not an integer") from exc
+            previous = qrels.setdefault(qid, {}).get(did)
+            if previous is not None:
+                if previous != score:
+                    raise DatasetError(f"{path}:{line_no}: ({qid}, {did}) judged twice with different scores ({previous} and {score})")
+                duplicates += 1
+            qrels[qid][did] = score
+    return qrels, duplicates
+
+
+def corpus_ids(corpus_path: Path) -> set[str]:
+    """The ``_id`` of every corpus record (without validating the rest; indexing does that)."""
+    ids = set()
+    with open(corpus_path, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    ids.add(str(json.loads(raw)["_id"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # the index flow reports malformed corpus lines with their line numbers
+    return ids
+
+
+def load_dataset(root: str | os.PathLike, split: str = "test") -> EvalDataset:
+    """Load and validate a BEIR-layout dataset folder for one split (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset folder")
+    corpus_path = root / "corpus.jsonl"
+    if not corpus_path.is_file():
+        raise DatasetError(f"{corpus_path}: missing corpus file")
+    qrels_path, queries_path = _split_files(root, split)
+    queries = read_queries(queries_path)
+    qrels, duplicates = read_qrels(qrels_path)
+    docs = corpus_ids(corpus_path)
+    unknown_queries = sum(len(v) for q, v in qrels.items() if q not in queries)
+    qrels = {q: v for q, v in qrels.items() if q in queries}
+    unknown_docs = 0
+    for q in list(qrels):
+        kept = {d: s for d, s in qrels[q].items() if d in docs}
+        unknown_docs += len(qrels[q]) - len(kept)
+        if any(s > 0 for s in kept.values()):
+            qrels[q] = kept
+        else:
+            del qrels[q]
+    if not qrels:
+        raise DatasetError(f"{qrels_path}: no query of split {split!r} has a relevant document in the corpus")
+    return EvalDataset(
+        name=root.name,
+        root=root,
+        split=split,
+        corpus_path=corpus_path,
+        queries={q: queries[q] for q in qrels},
+        qrels=qrels,
+        issues={"qrels_unknown_documents": unknown_docs, "qrels_unknown_queries": unknown_queries, "qrels_duplicate_lines": duplicates},
+    )

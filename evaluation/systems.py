@@ -1,0 +1,71 @@
+"""The retrieval systems an evaluation compares, each as ``query text -> ranked (doc id, score)``.
+
+Names are a contract (``report.json``): ``bm25``, ``dense``, ``maxsim-exact`` (brute-force MaxSim
+over every document: the quality ceiling), ``fde`` (FDE + ANN only), ``fde-rerank`` (the default
+search path), ``fde-prf-rerank`` and ``fde-prf-retrieve`` (ColBERT-PRF on top of ``fde-rerank``, in
+its two modes). Every system's per-query latency includes encoding (or tokenizing) the query.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dataclasses import replace
+
+from lateflow.engine import LateIndex
+from tasks.prf import PRFConfig
+
+Ranker = Callable[[str], list[tuple[str, float]]]
+
+ALL_SYSTEMS = ("bm25", "dense", "maxsim-exact", "fde", "fde-rerank", "fde-prf-rerank", "fde-prf-retrieve")
+REFERENCE_SYSTEM = "maxsim-exact"
+
+
+def make_ranker(name: str, index: LateIndex, *, depth: int, candidates: int, prf: PRFConfig | None = None) -> Ranker:
+    """Build the ranker for one system name over an opened index (``prf``: settings of the PRF systems)."""
+
+    def as_ids(ranked: list[tuple[int, float, int]]) -> list[tuple[str, float]]:
+        return [(index.doc_ids[d], s) for d, s, _ in ranked]
+
+    if name == "bm25":
+        from evaluation.baselines import BM25Baseline
+
+        bm25 = BM25Baseline(index.path)
+        return lambda q: bm25.search(q, depth)
+    if name == "dense":
+        from evaluation.baselines import DenseBaseline
+
+        dense = DenseBaseline(index)
+        return lambda q: as_ids(dense.search(q, depth))
+    if name == "maxsim-exact":
+        return lambda q: as_ids(index.rank_exhaustive([index.encode(q)], depth)[0])
+    if name == "fde":
+        return lambda q: as_ids(index.rank_fde_only(index.encode(q), depth))
+    if name == "fde-rerank":
+        return lambda q: as_ids(index.rank(index.encode(q), depth, candidates=max(candidates, depth)))
+    if name in ("fde-prf-rerank", "fde-prf-retrieve"):
+        config = replace(prf or PRFConfig(), mode=name.rsplit("-", 1)[1])
+        return lambda q: as_ids(index.rank(index.encode(q), depth, candidates=max(candidates, depth), prf=config))
+    raise ValueError(f"unknown system {name!r}; choose from {', '.join(ALL_SYSTEMS)}")
+
+
+def run_ranker(ranker: Ranker, queries: dict[str, str], *, warmup: int = 3) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Run every query, timing each one after ``warmup`` untimed queries; return (run, latencies in ms)."""
+    texts = list(queries.values())
+    for text in texts[:warmup]:
+        ranker(text)
+    run: dict[str, dict[str, float]] = {}
+    latencies = []
+    for qid, text in queries.items():
+        started = time.perf_counter()
+        ranked = ranker(text)
+        latencies.append((time.perf_counter() - started) * 1000)
+        run[qid] = {doc: float(score) for doc, score in ranked}
+    return run, latencies
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """p50 and p95 in milliseconds."""
+    return {"p50": round(float(np.percentile(latencies_ms, 50)), 3), "p95": round(float(np.percentile(latencies_ms, 95)), 3)}

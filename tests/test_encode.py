@@ -1,0 +1,63 @@
+"""The real bundled encoder: unit vectors, special tokens and punctuation handling, offline errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.encode import ModelNotFoundError, length_buckets, resolve_model_path
+
+
+def test_query_tokens_are_unit_vectors_without_specials(encoder):
+    ids, vecs, pooled = encoder.encode_query("Does aspirin reduce stroke risk?")
+    assert pooled.shape == (encoder.dim,) and np.isclose(np.linalg.norm(pooled), 1, atol=1e-5)
+    assert vecs.dtype == np.float32 and vecs.shape == (len(ids), encoder.dim)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert not set(ids.tolist()) & set(encoder.special_ids.tolist())
+    assert encoder.tokenizer.convert_tokens_to_ids("?") in ids.tolist()  # queries keep punctuation
+
+
+def test_query_of_only_punctuation_still_encodes(encoder):
+    ids, vecs, _ = encoder.encode_query("?!...")
+    assert len(ids) > 0 and np.all(np.isfinite(vecs))
+
+
+def test_empty_query_is_rejected(encoder):
+    with pytest.raises(ValueError, match="empty"):
+        encoder.encode_query("   ")
+
+
+def test_documents_drop_punctuation_but_never_end_up_empty(encoder):
+    tok = encoder.tokenizer
+    seqs = [tok("cells, proteins; and DNA.", add_special_tokens=False)["input_ids"], tok("...!!", add_special_tokens=False)["input_ids"]]
+    out = {i: (ids, v) for i, ids, v, _ in encoder.encode_ids(seqs)}
+    punct = set(encoder.punctuation_ids.tolist())
+    assert not set(out[0][0].tolist()) & punct and len(out[0][0]) == 4
+    assert len(out[1][0]) == len(seqs[1])  # all-punctuation chunk keeps its tokens
+
+
+def test_batched_encoding_matches_single(encoder):
+    tok = encoder.tokenizer
+    texts = ["short", "a much longer sentence about the immune response of mice", "medium length text"]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batched = {i: v for i, _, v, _ in encoder.encode_ids(seqs)}
+    for i, s in enumerate(seqs):
+        (_, _, single, _), = encoder.encode_ids([s])
+        assert np.allclose(batched[i], single, atol=1e-4)
+
+
+def test_too_long_sequence_is_rejected(encoder):
+    with pytest.raises(ValueError, match="at most 510"):
+        list(encoder.encode_ids([[1000] * 600]))
+
+
+def test_length_buckets_respect_budget():
+    lengths = list(np.random.default_rng(0).integers(1, 300, size=200))
+    batches = length_buckets(lengths, batch_tokens=1024, max_batch_size=16)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
+    for b in batches:
+        assert len(b) <= 16 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 1024)
+
+
+def test_hub_name_fails_fast_and_clearly():
+    with pytest.raises(ModelNotFoundError, match="not a local folder.*HF_HUB_OFFLINE"):
+        resolve_model_path("someone/not-a-cached-model")

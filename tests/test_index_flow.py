@@ -1,0 +1,131 @@
+"""The real index flow on small real corpora, searched through the loaded index."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.index import FDEParams, IndexConfig, index_flow
+from lateflow.engine import LateIndex
+from storage import index_files as files
+from storage.manifest import IndexFormatError, read_manifest
+from tasks.chunk import ChunkConfig
+from tests.conftest import write_jsonl
+
+SMALL = IndexConfig(chunk=ChunkConfig(window=64, overlap=16), fde=FDEParams(repetitions=8, simhash_bits=3, projection_dim=16), shard_size=25)
+
+
+@pytest.fixture(scope="module")
+def scifact_index(tmp_path_factory, scifact_sample, prefect_harness):
+    out = tmp_path_factory.mktemp("idx") / "scifact"
+    manifest = index_flow(str(scifact_sample), str(out), SMALL)
+    return out, manifest
+
+
+def test_artifacts_are_plain_parquet_and_consistent(scifact_index):
+    out, manifest = scifact_index
+    chunks = pq.read_table(out / files.CHUNKS_FILE)
+    tokens = pq.read_table(out / files.TOKENS_FILE)
+    fde = pq.read_table(out / files.FDE_FILE)
+    assert chunks.num_rows == tokens.num_rows == fde.num_rows == manifest["counts"]["chunks"]
+    assert chunks.column("chunk_id").to_pylist() == list(range(chunks.num_rows))
+    assert str(tokens.schema.field("embeddings").type) == "list<element: fixed_size_list<element: halffloat>[384]>"
+    assert manifest["counts"]["docs"] == 60 and manifest["counts"]["chunks"] > 60  # 64-token windows split abstracts
+    assert manifest["fde"]["repetitions"] == 8 and manifest["counts"]["fde_dim"] == 8 * 8 * 16
+    assert {"torch", "pyarrow", "faiss-cpu"} <= set(manifest["versions"])
+    store = files.read_token_store(out / files.TOKENS_FILE)
+    assert np.allclose(np.linalg.norm(store.vectors[:50].astype(np.float32), axis=1), 1, atol=2e-3)
+
+
+def test_search_finds_a_document_by_its_own_title(scifact_index, scifact_sample):
+    out, _ = scifact_index
+    index = LateIndex.open(out)
+    docs = [json.loads(l) for l in scifact_sample.read_text().splitlines()]
+    found = 0
+    for doc in docs[:10]:
+        hits = index.search(doc["title"], k=3)
+        assert hits[0].score >= hits[-1].score
+        found += hits[0].doc_id == doc["_id"]
+        assert hits[0].text and hits[0].char_end > hits[0].char_start
+    assert found >= 9
+
+
+def test_rerank_with_all_candidates_equals_exhaustive_maxsim(scifact_index):
+    out, _ = scifact_index
+    index = LateIndex.open(out)
+    q = index.encode("vitamin D deficiency and bone fractures")
+    ranked = index.rank(q, k=10, candidates=10_000)
+    exact = index.rank_exhaustive([q], k=10)[0]
+    assert [d for d, _, _ in ranked] == [d for d, _, _ in exact]
+    assert np.allclose([s for _, s, _ in ranked], [s for _, s, _ in exact], atol=1e-4)
+
+
+def test_rerun_reuses_cached_shards_and_does_no_model_work(scifact_index, scifact_sample, monkeypatch):
+    out, manifest = scifact_index
+    import tasks.encode as encode
+
+    def forbidden(*a, **k):
+        raise AssertionError("model work on a cached re-run")
+
+    monkeypatch.setattr(encode.Encoder, "forward_batch", forbidden)
+    again = index_flow(str(scifact_sample), str(out), SMALL)
+    assert again["index_id"] == manifest["index_id"]
+
+
+def test_open_reports_missing_and_truncated_files(scifact_index, tmp_path):
+    out, _ = scifact_index
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / files.FDE_FILE).write_bytes((broken / files.FDE_FILE).read_bytes()[:100])
+    with pytest.raises(IndexFormatError, match=r"fde\.parquet: 100 bytes, the manifest says"):
+        LateIndex.open(broken)
+    (broken / files.ANN_FILE).unlink()
+    with pytest.raises(IndexFormatError, match=r"ann\.faiss: missing"):
+        read_manifest(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(IndexFormatError, match="manifest.json: missing"):
+        LateIndex.open(broken)
+
+
+def test_incompatible_format_version(scifact_index, tmp_path):
+    out, _ = scifact_index
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="format version 999 is not supported"):
+        LateIndex.open(copy)
+
+
+def test_bad_inputs_through_the_flow(tmp_path, prefect_harness):
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl",
+        [
+            {"_id": "ok", "title": "Quokkas", "text": "Quokkas live on Rottnest Island."},
+            {"_id": "empty", "title": "", "text": "  "},
+            {"_id": "long", "title": "", "text": "pangolin " * 6500},
+            {"_id": "punct", "title": "", "text": "?!?! ..."},
+        ],
+    )
+    manifest = index_flow(str(corpus), str(tmp_path / "idx"), SMALL)
+    assert manifest["counts"]["docs"] == 3 and manifest["counts"]["rejected"] == 1
+    rejected = pq.read_table(tmp_path / "idx" / files.REJECTED_FILE).to_pylist()
+    assert rejected[0]["doc_id"] == "empty" and rejected[0]["line"] == 2
+    index = LateIndex.open(tmp_path / "idx")
+    assert index.search("Rottnest quokka", k=1)[0].doc_id == "ok"
+    assert len(index.search("?!", k=3)) == 3  # a query of only punctuation still gets answers
+    with pytest.raises(ValueError, match="empty"):
+        index.search("   ")
+    long_chunks = pq.read_table(tmp_path / "idx" / files.CHUNKS_FILE).to_pandas().query("doc_id == 'long'")
+    assert len(long_chunks) >= 100
+
+
+def test_malformed_corpus_fails_before_writing_anything(tmp_path, prefect_harness):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "a", "text": "x"}, "{oops"])
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: malformed JSON"):
+        index_flow(str(corpus), str(tmp_path / "idx"), SMALL)
+    assert not (tmp_path / "idx" / "manifest.json").exists()
