@@ -7,7 +7,6 @@ import numpy as np
 
 from lateflow.engine import LateIndex, QueryTokens
 from tasks.ann import search_ann
-from tasks.fde import encode_query
 
 DEFAULT_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000)
 
@@ -22,8 +21,7 @@ def fde_recall_curve(index: LateIndex, queries: Sequence[QueryTokens], exact_top
     n_max = max(grid)
     recalls = np.zeros((len(queries), len(grid)))
     for i, (query, top) in enumerate(zip(queries, exact_top)):
-        fde = encode_query(query.vectors, index.fde_config)
-        _, rows = search_ann(index.ann, fde[None, :], n_max)
+        _, rows = search_ann(index.ann, index.query_fde(query)[None, :], n_max)
         docs = index.chunk_doc[np.where(rows[0] >= 0, rows[0], 0)]
         wanted = set(int(d) for d in top)
         for j, n in enumerate(grid):

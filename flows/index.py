@@ -231,7 +231,7 @@ def index_flow(corpus: str, index_dir: str, config: IndexConfig = IndexConfig())
     body = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "corpus": {"path": str(Path(corpus).resolve()), "file_sha256": sha256_file(corpus_data.source)},
-        "model": {"path": model_path, "fingerprint": model_fingerprint(model_path), "dim": dim},
+        "model": {"spec": config.model or "default", "path": model_path, "fingerprint": model_fingerprint(model_path), "dim": dim},
         "chunking": config.chunk.to_dict(),
         "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
         "fde": fde_config.to_dict(),

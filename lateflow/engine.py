@@ -75,8 +75,9 @@ class LateIndex:
         self.chunk_char_start = chunks.column("char_start").to_numpy()
         self.chunk_char_end = chunks.column("char_end").to_numpy()
         # chunks of a document are contiguous: doc i owns chunks doc_chunk_offsets[i]:doc_chunk_offsets[i+1]
-        starts = [0] + [i for i in range(1, len(self.chunk_doc_ids)) if self.chunk_doc_ids[i] != self.chunk_doc_ids[i - 1]]
-        self.doc_chunk_offsets = np.array(starts + [len(self.chunk_doc_ids)], dtype=np.int64)
+        doc_of_chunk = np.array(self.chunk_doc_ids, dtype=object)
+        starts = np.concatenate([[0], np.flatnonzero(doc_of_chunk[1:] != doc_of_chunk[:-1]) + 1]).astype(np.int64)
+        self.doc_chunk_offsets = np.append(starts, len(doc_of_chunk))
         self.doc_ids = [self.chunk_doc_ids[s] for s in starts]
         self.chunk_doc = np.repeat(np.arange(len(self.doc_ids)), np.diff(self.doc_chunk_offsets))
         docs = pq.read_table(path / files.DOCS_FILE, columns=["doc_id", "title", "metadata"])
@@ -130,7 +131,8 @@ class LateIndex:
                 if self._encoder is None:
                     enc = self.manifest["encoding"]
                     config = EncoderConfig(
-                        model_path=resolve_model_path(self.manifest["model"]["path"]),
+                        # "default" resolves through the installed package, so an index moves between machines
+                        model_path=resolve_model_path(self.manifest["model"].get("spec") or self.manifest["model"]["path"]),
                         precision=enc["precision"],
                         drop_punctuation=enc["drop_punctuation"],
                         max_query_tokens=enc.get("max_query_tokens", 128),
@@ -160,11 +162,24 @@ class LateIndex:
         vectors = query.vectors if query.weights is None else query.vectors * query.weights[:, None]
         return encode_query(vectors, self.fde_config)
 
-    def candidate_documents(self, query: QueryTokens, candidates: int) -> np.ndarray:
-        """Documents of the ANN's top ``candidates`` chunks for the query's FDE (first-seen order)."""
-        fde = self.query_fde(query)
-        _, rows = search_ann(self.ann, fde[None, :], candidates)
-        rows = rows[0][rows[0] >= 0]
+    def _search_chunks(self, query: QueryTokens, n: int, min_docs: int) -> tuple[np.ndarray, np.ndarray]:
+        """ANN top chunks (scores, rows) for the query FDE, widened until they cover ``min_docs`` documents.
+
+        Long documents own many chunks, so the top ``n`` chunks may name fewer than ``min_docs``
+        documents; the ANN is then asked for 4x more until enough documents or every chunk is seen.
+        """
+        fde = self.query_fde(query)[None, :]
+        while True:
+            scores, rows = search_ann(self.ann, fde, n)
+            valid = rows[0] >= 0
+            scores, rows = scores[0][valid], rows[0][valid]
+            if n >= self.ann.ntotal or len(np.unique(self.chunk_doc[rows])) >= min_docs:
+                return scores, rows
+            n *= 4
+
+    def candidate_documents(self, query: QueryTokens, candidates: int, min_docs: int = 1) -> np.ndarray:
+        """Documents of the ANN's top ``candidates`` chunks (at least ``min_docs`` of them), first-seen order."""
+        _, rows = self._search_chunks(query, candidates, min_docs)
         docs = self.chunk_doc[rows]
         _, first = np.unique(docs, return_index=True)
         return docs[np.sort(first)]
@@ -187,13 +202,13 @@ class LateIndex:
         first-pass candidates are re-scored with the expanded query; in ``retrieve`` mode the expanded
         query goes through FDE + ANN again and its candidates are re-scored with it.
         """
-        docs = self.candidate_documents(query, candidates)
+        docs = self.candidate_documents(query, candidates, min_docs=k)
         scores, best_chunks = self.score_documents(query, docs)
         if prf is not None:
             order = np.argsort(-scores, kind="stable")
             expanded = self.expand(query, docs[order[: prf.fb_docs]], prf)
             if prf.mode == "retrieve":
-                docs = self.candidate_documents(expanded, candidates)
+                docs = self.candidate_documents(expanded, candidates, min_docs=k)
             scores, best_chunks = self.score_documents(expanded, docs)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
@@ -211,8 +226,8 @@ class LateIndex:
 
     def rank_fde_only(self, query: QueryTokens, k: int = 10) -> list[tuple[int, float, int]]:
         """FDE + ANN only, no rerank: a document's score is its best chunk's FDE inner product."""
-        scores, rows = search_ann(self.ann, self.query_fde(query)[None, :], max(k * 4, k + 16))
-        return self.documents_of_chunks(scores[0], rows[0], k)
+        scores, rows = self._search_chunks(query, k * 2, k)
+        return self.documents_of_chunks(scores, rows, k)
 
     def documents_of_chunks(self, scores: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float, int]]:
         """Turn a best-first chunk ranking into the first ``k`` distinct documents (score of their best chunk)."""

@@ -79,9 +79,11 @@ def test_open_reports_missing_and_truncated_files(scifact_index, tmp_path):
     out, _ = scifact_index
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    (broken / files.FDE_FILE).write_bytes((broken / files.FDE_FILE).read_bytes()[:100])
+    original = (broken / files.FDE_FILE).read_bytes()
+    (broken / files.FDE_FILE).write_bytes(original[:100])
     with pytest.raises(IndexFormatError, match=r"fde\.parquet: 100 bytes, the manifest says"):
         LateIndex.open(broken)
+    (broken / files.FDE_FILE).write_bytes(original)
     (broken / files.ANN_FILE).unlink()
     with pytest.raises(IndexFormatError, match=r"ann\.faiss: missing"):
         read_manifest(broken)
