@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ class BM25Baseline:
     def __init__(self, index_dir, k1: float = 1.2, b: float = 0.75) -> None:
         import bm25s
 
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
         self._bm25s = bm25s
         docs = pq.read_table(index_dir / files.DOCS_FILE, columns=["doc_id", "title", "text"])
         self.doc_ids = docs.column("doc_id").to_pylist()

@@ -14,9 +14,10 @@ Policy for bad qrels (each case is counted and reported in ``report.json`` under
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -149,4 +150,31 @@ def load_dataset(root: str | os.PathLike, split: str = "test") -> EvalDataset:
         queries={q: queries[q] for q in qrels},
         qrels=qrels,
         issues={"qrels_unknown_documents": unknown_docs, "qrels_unknown_queries": unknown_queries, "qrels_duplicate_lines": duplicates},
+    )
+
+
+def subsample(dataset: EvalDataset, max_queries: int | None) -> EvalDataset:
+    """At most ``max_queries`` of the dataset's queries, chosen by a stable hash of their ids.
+
+    The choice depends only on the ids (not on file order or a global seed), so the same subset comes
+    back on every machine and run; ``None`` or a number >= the query count returns the dataset as is.
+
+    Examples
+    --------
+    >>> ds = EvalDataset("x", Path("."), "test", Path("c"), {str(i): "q" for i in range(10)}, {str(i): {"d": 1} for i in range(10)})
+    >>> small = subsample(ds, 3)
+    >>> len(small.queries), sorted(small.queries) == sorted(subsample(ds, 3).queries), small.issues["queries_sampled_from"]
+    (3, True, 10)
+    """
+    if max_queries is None or max_queries >= len(dataset.queries):
+        return dataset
+    if max_queries < 1:
+        raise ValueError(f"max_queries must be at least 1, got {max_queries}")
+    chosen = sorted(dataset.queries, key=lambda q: hashlib.sha1(q.encode("utf-8")).hexdigest())[:max_queries]
+    keep = set(chosen)
+    return replace(
+        dataset,
+        queries={q: t for q, t in dataset.queries.items() if q in keep},
+        qrels={q: r for q, r in dataset.qrels.items() if q in keep},
+        issues={**dataset.issues, "queries_sampled_from": len(dataset.queries)},
     )

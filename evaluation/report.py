@@ -28,6 +28,11 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sampled(report: dict[str, Any]) -> str:
+    total = report.get("dataset_issues", {}).get("queries_sampled_from")
+    return f" (a fixed subset of {total}, by --max-queries)" if total else ""
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The whole report.md text."""
     sig = report.get("significance", {})
@@ -35,7 +40,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = [
         f"# lateflow evaluation: {report['dataset']} ({report['split']})",
         "",
-        f"{report['docs']} documents, {report['queries']} judged queries. Machine: {report['machine_line']}.",
+        f"{report['docs']} documents, {report['queries']} judged queries{_sampled(report)}. Machine: {report['machine_line']}.",
         "",
         render_table(report),
         "",

@@ -1,9 +1,14 @@
 """ranx scoring and paired significance tests against the reference system."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+from numba.core.errors import NumbaTypeSafetyWarning
 from ranx import Qrels, Run, compare, evaluate
+
+# ranx's nDCG kernel casts uint64 -> int64 on rank positions (harmless at our depths); numba warns each call
+warnings.filterwarnings("ignore", category=NumbaTypeSafetyWarning)
 
 METRICS = ("ndcg@10", "recall@100", "map@100", "mrr@10")
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.datasets import EvalDataset, load_dataset
+from evaluation.datasets import EvalDataset, load_dataset, subsample
 from flows.index import IndexConfig, index_flow
 from storage.atomic import atomic_path, write_json
 from tasks.prf import PRFConfig
@@ -24,8 +24,8 @@ DEPTH = 100
 
 
 @task(name="load-dataset", cache_policy=NO_CACHE)
-def load_dataset_task(dataset_dir: str, split: str) -> EvalDataset:
-    return load_dataset(dataset_dir, split)
+def load_dataset_task(dataset_dir: str, split: str, max_queries: int | None = None) -> EvalDataset:
+    return subsample(load_dataset(dataset_dir, split), max_queries)
 
 
 @task(name="run-system", cache_policy=NO_CACHE)
@@ -76,6 +76,7 @@ def evaluate_flow(
     candidates: int | None = None,
     prf: PRFConfig | None = None,
     command: str | None = None,
+    max_queries: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every requested system on a BEIR dataset split and write the report files.
 
@@ -99,6 +100,9 @@ def evaluate_flow(
         ColBERT-PRF settings of the ``fde-prf-*`` systems (default :class:`tasks.prf.PRFConfig`).
     command
         The command line recorded in the report for reproduction.
+    max_queries
+        Evaluate a fixed subset of at most this many queries (chosen by a hash of their ids; the
+        report records ``queries_sampled_from``). None: every query of the split.
     """
     from evaluation.curves import fde_recall_curve
     from evaluation.machine import describe_machine, machine_line
@@ -116,7 +120,7 @@ def evaluate_flow(
     candidates = candidates or DEFAULT_CANDIDATES
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset_task(dataset_dir, split)
+    dataset = load_dataset_task(dataset_dir, split, max_queries)
     index_path = Path(index_dir) if index_dir else out / "index"
     manifest = index_flow(str(dataset.corpus_path), str(index_path), config)
     index = _open_index(str(index_path))

@@ -13,8 +13,10 @@ is always the CPU form so it opens anywhere.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import faiss
 import numpy as np
@@ -62,6 +64,17 @@ def _pq_subquantizers(dim: int, requested: int) -> int:
     return m
 
 
+@contextmanager
+def faiss_threads(n: int) -> Iterator[None]:
+    """Run the block with FAISS's OpenMP pool at ``n`` threads, then restore the previous count."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def build_ann(vectors: np.ndarray, config: ANNConfig, *, seed: int = 0) -> tuple[faiss.Index, dict[str, Any]]:
     """Build an inner-product FAISS index over ``vectors`` (float32, n x d); return it and its facts.
 
@@ -73,7 +86,11 @@ def build_ann(vectors: np.ndarray, config: ANNConfig, *, seed: int = 0) -> tuple
     >>> int(ids[0, 0]) == int(np.argmax(x @ x[0])), facts["kind"]
     (True, 'flat')
     """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    with faiss_threads(os.cpu_count() or 1):
+        return _build_ann(np.ascontiguousarray(vectors, dtype=np.float32), config)
+
+
+def _build_ann(vectors: np.ndarray, config: ANNConfig) -> tuple[faiss.Index, dict[str, Any]]:
     n, dim = vectors.shape
     if n == 0:
         raise ValueError("cannot build an ANN index over zero vectors")

@@ -11,6 +11,7 @@ that is neither a local folder nor in the local Hugging Face cache fails at once
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import unicodedata
@@ -31,6 +32,9 @@ from storage.schemas import tokens_schema
 from storage.shards import read_table, run_cached
 
 PRECISIONS = ("fp32", "bf16", "int8")
+
+
+PROGRESS_MIN_TOKENS = 50_000  # ~20 s on a 2-core CPU; shorter runs print no bar
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -151,7 +155,9 @@ class Encoder:
 
     def __init__(self, config: EncoderConfig, device: str | None = None) -> None:
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar; our own bar covers encoding
         self.config = config
         self.device = select_device(device)
         self.tokenizer = load_tokenizer(config.model_path)
@@ -218,7 +224,7 @@ class Encoder:
         lengths = [len(s) for s in sequences]
         batches = length_buckets(lengths, self.config.batch_tokens, self.config.max_batch_size)
         bar = None
-        if progress:
+        if progress and sum(lengths) >= PROGRESS_MIN_TOKENS:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(sum(lengths)), unit="tok", desc="encode", leave=False)
@@ -269,11 +275,31 @@ def load_encoder(config: EncoderConfig, device: str | None = None) -> Encoder:
     return Encoder(config, device)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op pool at ``n`` threads, then restore the previous count.
+
+    Bulk encoding wants every core even in a process where a loaded index chose one thread per query
+    (:meth:`lateflow.engine.LateIndex.open`).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def encode_chunks(chunks: pa.Table, encoder: Encoder, *, progress: bool = False) -> pa.Table:
     """Encode a ``CHUNKS`` table into a token-store table (schema :func:`storage.schemas.tokens_schema`).
 
     Vectors are stored as float16 (half the bytes; MaxSim is computed in float32 after loading).
     """
+    with torch_threads(os.cpu_count() or 1):
+        return _encode_chunks(chunks, encoder, progress)
+
+
+def _encode_chunks(chunks: pa.Table, encoder: Encoder, progress: bool) -> pa.Table:
     sequences = chunks.column("input_ids").to_pylist()
     token_ids: list[Any] = [None] * len(sequences)
     vectors: list[Any] = [None] * len(sequences)

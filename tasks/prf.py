@@ -1,7 +1,7 @@
 """Stage 5: ColBERT-PRF pseudo-relevance feedback (Wang, Macdonald, Tonellotto, Ounis 2021).
 
 From the first pass's top ``fb_docs`` documents, the token embeddings are clustered with k-means
-(scikit-learn, seeded) into ``k`` centroids. Each centroid is mapped to a token id by majority vote
+(k-means++ seeds, FAISS Lloyd iterations, seeded) into ``k`` centroids. Each centroid is mapped to a token id by majority vote
 over its ``vote_tokens`` nearest member tokens (special tokens and, by the index's default,
 punctuation were already dropped from the store); centroids are ranked by that token's IDF
 ``ln((1+N)/(df+1))`` over the whole index, and the top ``fb_embs`` are appended to the query with
@@ -61,12 +61,53 @@ class Expansion:
     weights: np.ndarray  # (n,) float32
 
 
-def _kmeans(points: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.cluster import KMeans
+def kmeans_plusplus_seeds(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means++ seeding (Arthur and Vassilvitskii 2007): each next seed drawn with probability ~ D(x)^2.
 
-    model = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100)
-    labels = model.fit_predict(points)
-    return model.cluster_centers_.astype(np.float32), labels
+    FAISS seeds k-means at random, which on a few hundred feedback tokens often merges two clear
+    clusters and splits another; k-means++ avoids that for a few ms (scikit-learn's takes ~10 ms here).
+
+    Examples
+    --------
+    >>> pts = np.array([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0], [5.0, 5.1]], dtype=np.float32)
+    >>> seeds = kmeans_plusplus_seeds(pts, 2, seed=0)
+    >>> sorted(int(s[0] > 2) for s in seeds)  # one seed in each far-apart pair
+    [0, 1]
+    """
+    rng = np.random.default_rng(seed)
+    # the greedy variant (as scikit-learn): draw 2 + ln(k) candidates per step, keep the one that
+    # lowers the potential most; plain k-means++ too often puts two seeds in one tight cluster
+    trials = 2 + int(np.log(k))
+    squared_norms = np.einsum("ij,ij->i", points, points)
+
+    def distances_to(rows: np.ndarray) -> np.ndarray:
+        return np.maximum(squared_norms[None, :] - 2 * points[rows] @ points.T + squared_norms[rows, None], 0)
+
+    chosen = [int(rng.integers(len(points)))]
+    nearest = distances_to(np.array(chosen))[0]
+    for _ in range(1, k):
+        total = float(nearest.sum())
+        if total <= 0:  # every point coincides with a seed already
+            chosen.append(int(rng.integers(len(points))))
+            continue
+        candidates = rng.choice(len(points), size=trials, p=nearest / total)
+        updated = np.minimum(nearest[None, :], distances_to(candidates))
+        best = int(np.argmin(updated.sum(axis=1)))
+        chosen.append(int(candidates[best]))
+        nearest = updated[best]
+    return np.ascontiguousarray(points[chosen], dtype=np.float32)
+
+
+def _kmeans(points: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded k-means: k-means++ seeds, then FAISS Lloyd iterations (5-10x faster than scikit-learn)."""
+    import faiss
+
+    # a few hundred feedback tokens is far below FAISS's default of 39 points per centroid: allow it
+    # explicitly (the default prints a warning on every query); 20 iterations converge on such sets
+    model = faiss.Kmeans(points.shape[1], k, niter=20, seed=seed, min_points_per_centroid=1, max_points_per_centroid=1 << 20, verbose=False)
+    model.train(points, init_centroids=kmeans_plusplus_seeds(points, k, seed))
+    _, labels = model.index.search(points, 1)
+    return model.centroids.astype(np.float32), labels[:, 0]
 
 
 def expansion_embeddings(feedback_vectors: np.ndarray, feedback_token_ids: np.ndarray, idf: np.ndarray, config: PRFConfig) -> Expansion:
