@@ -56,6 +56,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, tests in sig["systems"].items():
             out.append(f"| {name} | " + " | ".join(f"{tests[m]['p_bonferroni']:.3g}" for m in METRICS) + " |")
         out.append("")
+    prf = report.get("significance_prf", {})
+    if prf:
+        base = report["systems"][prf["reference"]]
+        out += [f"ColBERT-PRF against **{prf['reference']}** (same first pass without feedback; {prf['test']}, {prf['correction']}):", ""]
+        out += ["| system | " + " | ".join(f"{LABELS[m]} (delta, p)" for m in METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+        for name, tests in prf["systems"].items():
+            cells = [f"{report['systems'][name][m] - base[m]:+.4f}, {tests[m]['p_bonferroni']:.3g}{' †' if tests[m]['significant'] else ''}" for m in METRICS]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
     ref = report["systems"].get("maxsim-exact")
     if ref and "fde-rerank" in report["systems"]:
         ratio = report["systems"]["fde-rerank"]["ndcg@10"] / ref["ndcg@10"] if ref["ndcg@10"] else float("nan")

@@ -1,6 +1,7 @@
 """ranx scoring and paired significance tests against the reference system."""
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -11,6 +12,17 @@ from ranx import Qrels, Run, compare, evaluate
 warnings.filterwarnings("ignore", category=NumbaTypeSafetyWarning)
 
 METRICS = ("ndcg@10", "recall@100", "map@100", "mrr@10")
+
+
+def trec_safe_id(identifier: str) -> str:
+    """An id fit for a whitespace-separated TREC file: whitespace and ``%`` percent-encoded.
+
+    Examples
+    --------
+    >>> trec_safe_id("Geneva Durben"), trec_safe_id("doc-1")
+    ('Geneva%20Durben', 'doc-1')
+    """
+    return re.sub(r"[\s%]", lambda m: f"%{ord(m.group()):02X}", identifier)
 
 
 def to_qrels(qrels: dict[str, dict[str, int]]) -> Qrels:

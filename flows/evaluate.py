@@ -21,6 +21,7 @@ from storage.atomic import atomic_path, write_json
 from tasks.prf import PRFConfig
 
 DEPTH = 100
+PRF_COMPARISON = ("fde-rerank", "fde-prf-rerank", "fde-prf-retrieve")
 
 
 @task(name="load-dataset", cache_policy=NO_CACHE)
@@ -50,22 +51,29 @@ def _open_index(index_dir: str):
 
 
 def _bytes_on_disk(index_dir: Path) -> int:
-    return sum(p.stat().st_size for p in index_dir.iterdir() if p.is_file())
+    from storage.manifest import resolve_index_dir
+
+    # the current version's artifacts (a versioned index keeps them in INDEX/versions/<version>/)
+    folder = resolve_index_dir(index_dir)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def _save_run(run: dict[str, dict[str, float]], name: str, folder: Path) -> None:
-    from evaluation.scoring import to_run
+    """Write a run as ``.parquet`` (exact ids) and ``.trec`` (ids with whitespace percent-encoded)."""
+    from evaluation.scoring import to_run, trec_safe_id
 
     folder.mkdir(parents=True, exist_ok=True)
-    ranx_run = to_run(run, name)
-    for suffix in (".trec", ".parquet"):
+    # TREC run lines are whitespace-separated, and some datasets (LIMIT) have ids with spaces
+    trec_run = {trec_safe_id(q): {trec_safe_id(d): s for d, s in docs.items()} for q, docs in run.items()}
+    for suffix, ranx_run in ((".trec", to_run(trec_run, name)), (".parquet", to_run(run, name))):
         with atomic_path(folder / f"{name}{suffix}") as tmp:
             target = tmp.with_suffix(suffix)  # ranx picks the format from the suffix
             ranx_run.save(str(target))
             target.replace(tmp)
 
 
-@flow(name="evaluate", log_prints=True)
+# no log_prints: progress prints go straight to stdout (Prefect logs only WARNING and up, flows/settings.py)
+@flow(name="evaluate")
 def evaluate_flow(
     dataset_dir: str,
     out_dir: str,
@@ -151,6 +159,8 @@ def evaluate_flow(
         },
         "settings": {"candidates": candidates, "prf": (prf or PRFConfig()).to_dict(), "depth": DEPTH, "fde": manifest["fde"], "chunking": manifest["chunking"], "precision": manifest["encoding"]["precision"]},
         "significance": significance(qrels, runs, REFERENCE) if REFERENCE in runs else {},
+        # does feedback help? each PRF system against the same search without it
+        "significance_prf": significance(qrels, {n: r for n, r in runs.items() if n in PRF_COMPARISON}, "fde-rerank") if "fde-rerank" in runs else {},
         "dataset_issues": dataset.issues,
         "machine": machine,
         "machine_line": machine_line(machine),

@@ -1,30 +1,54 @@
-"""The ``index`` flow: corpus -> chunk -> encode -> FDE -> ANN -> manifest.
+"""The ``index`` flow: corpus -> chunk -> encode -> FDE -> ANN -> manifest, incremental and resumable.
 
-Documents are split into shards of ``shard_size``; each stage runs as one Prefect task per shard and
-writes a content-addressed shard file under ``INDEX/.cache`` (see :mod:`storage.shards`), so a
-re-run on the same input does no model work and an interrupted run resumes. The final artifacts
-are assembled from the shards, then the manifest is written last.
+Documents are grouped into *segments* (see :mod:`storage.segments`); each stage runs as one Prefect
+task per segment and writes a content-addressed file in the shard cache (``INDEX/.cache`` by
+default). A run reuses every document whose id and content some segment already holds, so it
+encodes only new or changed documents, and a run killed at any point resumes from its finished
+files. The index is assembled from the segments into a new version folder
+``INDEX/versions/<version>/``; its manifest is written last, and only then does ``INDEX/manifest.json``
+switch to it (:mod:`storage.manifest`), so readers never see a half-written index. A run that
+changes nothing returns the current manifest without model work. One run at a time per index folder
+(:mod:`storage.lock`).
+
+The per-segment tasks run one after another on the default task runner, and in parallel when the
+flow runs on another task runner (``index_flow.with_options(task_runner=DaskTaskRunner(...))``, see
+:mod:`flows.runners`).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served deployment (`lateflow deploy`) runs the flow in
+# a subprocess that receives the flow function pickled by value, and Prefect validates the run's
+# parameters against its annotations; string annotations such as "IndexConfig" cannot be resolved there.
+import hashlib
+import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from storage import fs
 from storage import index_files as files
-from storage.atomic import atomic_path, write_parquet
+from storage import segments as seg
+from storage.atomic import write_parquet
 from storage.corpus import Corpus, read_corpus
-from storage.hashing import sha256_file, sha256_tree, stable_key
-from storage.manifest import IndexFormatError, library_versions, read_manifest, write_manifest
+from storage.hashing import sha256_tree, stable_key
+from storage.lock import IndexLock
+from storage.manifest import IndexFormatError, library_versions, read_manifest, resolve_index_dir, write_manifest, write_pointer
 from storage.schemas import REJECTED
+from storage.versions import (
+    complete_versions,
+    current_version,
+    new_version_dir,
+    pointer,
+    prune_versions,
+    remove_legacy_artifacts,
+    remove_temporaries,
+)
 from tasks.ann import ANNConfig, build_ann
 from tasks.chunk import ChunkConfig, chunk_task
 from tasks.encode import EncoderConfig, encode_task, resolve_model_path
@@ -89,58 +113,84 @@ def load_corpus_task(corpus: str, on_error: str) -> Corpus:
     return read_corpus(corpus, on_error=on_error)  # type: ignore[arg-type]
 
 
-def _shard_files(corpus: Corpus, cache: Path, config: IndexConfig, model_path: str, fde_config: FDEConfig) -> list[dict[str, str]]:
-    """Write each shard's documents and return the cache file names of every stage per shard."""
-    fingerprint = model_fingerprint(model_path)
-    encoder_key = {"precision": config.precision, "drop_punctuation": config.drop_punctuation, "device_class": "any"}
-    shards = []
-    for start in range(0, corpus.docs.num_rows, config.shard_size):
-        docs = corpus.docs.slice(start, config.shard_size)
-        docs_key = stable_key(docs.column("doc_id").to_pylist(), docs.column("content_hash").to_pylist())
-        chunk_key = stable_key(PIPELINE_VERSION, docs_key, config.chunk.to_dict(), fingerprint)
-        token_key = stable_key(chunk_key, encoder_key)
-        fde_key = stable_key(token_key, fde_config.to_dict())
-        docs_path = cache / f"docs-{docs_key}.parquet"
-        if not docs_path.exists():
-            write_parquet(docs, docs_path)
-        shards.append(
-            {
-                "docs": str(docs_path),
-                "chunks": str(cache / f"chunks-{chunk_key}.parquet"),
-                "tokens": str(cache / f"tokens-{token_key}.parquet"),
-                "fde": str(cache / f"fde-{fde_key}.parquet"),
-            }
+def table_digest(table: pa.Table, columns: list[str]) -> str:
+    """Hash of the values of ``columns`` (row order matters), streamed in batches.
+
+    Examples
+    --------
+    >>> t = pa.table({"a": ["x", "y"], "b": [1, 2]})
+    >>> table_digest(t, ["a", "b"]) == table_digest(t.select(["b", "a"]), ["a", "b"]) != table_digest(t.slice(1), ["a", "b"])
+    True
+    """
+    digest = hashlib.sha256()
+    for batch in table.select(columns).to_batches(max_chunksize=4096):
+        digest.update(json.dumps([batch.column(i).to_pylist() for i in range(batch.num_columns)], default=str).encode("utf-8"))
+    return digest.hexdigest()[:24]
+
+
+def _index_dir(index_dir: str) -> Path:
+    """The index folder as a local path; other URLs fail with what to do instead."""
+    if not fs.is_local(index_dir):
+        raise ValueError(
+            f"{index_dir}: the index folder must be a local path or file:// URL (or a shared POSIX mount such as NFS): "
+            "lateflow switches versions with an atomic rename and locks runs with flock. "
+            "Put the shard cache that workers share on object storage with --cache URL instead."
         )
-    return shards
+    return fs.local_path(index_dir).resolve()
 
 
-def _concat_renumbered(paths: list[str], out: Path, *, compression: str) -> int:
-    """Stream shard tables into one Parquet file, renumbering ``chunk_id`` to run 0..n-1."""
-    next_id, writer = 0, None
-    with atomic_path(out) as tmp:
-        try:
-            for path in paths:
-                table = pq.read_table(path)
-                ids = pa.array(np.arange(next_id, next_id + table.num_rows, dtype=np.int64))
-                table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), ids)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
-                writer.write_table(table)
-                next_id += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-    return next_id
+def _cache_location(out: Path, cache: str | None) -> str:
+    if cache is None:
+        return str(out / files.CACHE_DIR)
+    return str(fs.local_path(cache).resolve()) if fs.is_local(cache) else cache.rstrip("/")
+
+
+def _stage_tasks_parallel() -> bool:
+    """True when the flow runs on a task runner other than the default thread pool (e.g. Dask).
+
+    The default runner keeps the stages sequential in the flow's thread, as they always were: on one
+    machine a single encoder already uses every core, and torch's thread settings are per process.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    context = FlowRunContext.get()
+    return context is not None and not isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
+def _run_stages(segments: list[seg.Segment], model_path: str, config: "IndexConfig", encoder_config: EncoderConfig, fde_config: FDEConfig) -> None:
+    """Chunk, encode and FDE every segment that lacks a stage file (one task per stage per segment)."""
+    todo = [s for s in segments if not s.complete()]
+    if not _stage_tasks_parallel():
+        for s in todo:
+            chunk_task(s.docs, s.chunks, model_path, config.chunk)
+            encode_task(s.chunks, s.tokens, encoder_config, config.device)
+            fde_task(s.tokens, s.fde, fde_config)
+        return
+    # every path is known in advance, so tasks pass nothing but paths: wait_for orders each segment's
+    # stages, and different segments run in parallel on the workers
+    submitted = []
+    for s in todo:
+        chunked = chunk_task.submit(s.docs, s.chunks, model_path, config.chunk)
+        encoded = encode_task.submit(s.chunks, s.tokens, encoder_config, config.device, wait_for=[chunked])
+        submitted.append((chunked, encoded, fde_task.submit(s.tokens, s.fde, fde_config, wait_for=[encoded])))
+    for futures in submitted:
+        for future in futures:
+            future.result()  # raises the first failure of the segment, in stage order
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
-def assemble_task(index_dir: str, shards: list[dict[str, str]], corpus: Corpus, ann: ANNConfig, seed: int) -> dict[str, Any]:
-    """Prefect task: merge shard files into the index artifacts and build the ANN index."""
-    out = Path(index_dir)
-    n_chunks = _concat_renumbered([s["chunks"] for s in shards], out / files.CHUNKS_FILE, compression="zstd")
+def assemble_task(version_dir: str, plan: seg.Plan, corpus: Corpus, ann: ANNConfig, seed: int) -> dict[str, Any]:
+    """Prefect task: take every document's rows from its segment, in corpus order, and build the ANN index."""
+    out = Path(version_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc_ids = corpus.docs.column("doc_id").to_pylist()
+    n_chunks = seg.gather(plan, doc_ids, "chunks", out / files.CHUNKS_FILE, compression="zstd")
     # float16 vectors and FDEs barely compress; skipping compression keeps writes and loads fast
-    _concat_renumbered([s["tokens"] for s in shards], out / files.TOKENS_FILE, compression="none")
-    _concat_renumbered([s["fde"] for s in shards], out / files.FDE_FILE, compression="none")
+    n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none")
+    n_fde = seg.gather(plan, doc_ids, "fde", out / files.FDE_FILE, compression="none")
+    if not n_chunks == n_tokens == n_fde:
+        raise IndexFormatError(f"{version_dir}: segments disagree ({n_chunks} chunks, {n_tokens} token rows, {n_fde} FDE rows)")
     chunks = pq.read_table(out / files.CHUNKS_FILE, columns=["doc_id"])
     chunked = pc.is_in(corpus.docs.column("doc_id"), value_set=pc.unique(chunks.column("doc_id")))
     docs = corpus.docs.filter(chunked)
@@ -176,39 +226,94 @@ def assemble_task(index_dir: str, shards: list[dict[str, str]], corpus: Corpus, 
     }
 
 
-def _prune_cache(cache: Path, keep: set[str]) -> None:
-    """Remove shard files that the finished index no longer uses (bounded disk across rebuilds)."""
-    for path in cache.glob("*.parquet"):
-        if str(path) not in keep:
-            path.unlink(missing_ok=True)
-
-
 def _current_manifest(index_dir: Path) -> dict[str, Any] | None:
-    """The index's manifest if it opens cleanly (sizes checked), else None."""
+    """The index's current manifest if it opens cleanly (sizes checked), else None."""
     try:
         return read_manifest(index_dir)
     except IndexFormatError:
         return None
 
 
+def _previous_docs(index_dir: Path) -> dict[str, str]:
+    """doc_id -> content hash of the current version (empty when there is none)."""
+    try:
+        table = pq.read_table(resolve_index_dir(index_dir) / files.DOCS_FILE, columns=["doc_id", "content_hash"])
+    except (IndexFormatError, OSError, pa.ArrowInvalid):
+        return {}
+    return dict(zip(table.column("doc_id").to_pylist(), table.column("content_hash").to_pylist()))
+
+
+def _changes(previous: dict[str, str], docs: pa.Table) -> dict[str, int]:
+    """How the corpus differs from the current version: new, changed, unchanged and removed documents."""
+    ids, hashes = docs.column("doc_id").to_pylist(), docs.column("content_hash").to_pylist()
+    new = sum(d not in previous for d in ids)
+    changed = sum(d in previous and previous[d] != h for d, h in zip(ids, hashes))
+    return {"new": new, "changed": changed, "unchanged": len(ids) - new - changed, "removed": len(set(previous) - set(ids))}
+
+
+def _switch(out: Path, version: Path, manifest: dict[str, Any], keep_versions: int) -> list[str]:
+    """Make ``version`` current, keep ``keep_versions`` versions in all, remove the rest; return the kept older ones."""
+    before = pointer(out)
+    old = current_version(out)
+    history = [old] if old else []
+    if before and isinstance(before.get("previous_versions"), list):
+        history += [v for v in before["previous_versions"] if isinstance(v, str)]
+    kept = [v for v in dict.fromkeys(history) if v != version.name and (out / "versions" / v / "manifest.json").is_file()]
+    kept = kept[: max(0, keep_versions - 1)]
+    write_pointer(out, version, manifest, kept)
+    prune_versions(out, keep=[version.name, *kept])
+    if old is not None:
+        # artifacts of a pre-versions build stayed readable for one more build; now they go
+        remove_legacy_artifacts(out)
+    return kept
+
+
 @flow(name="index", log_prints=True)
-def index_flow(corpus: str, index_dir: str, config: IndexConfig = IndexConfig()) -> dict[str, Any]:
-    """Build (or bring up to date) the index of ``corpus`` in ``index_dir``; return the manifest.
+def index_flow(
+    corpus: str, index_dir: str, config: IndexConfig = IndexConfig(), cache: str | None = None, keep_versions: int = 2
+) -> dict[str, Any]:
+    """Build a new version of the index of ``corpus`` in ``index_dir`` (incrementally); return its manifest.
 
     Parameters
     ----------
     corpus
-        BEIR folder, ``corpus.jsonl`` or ``.parquet`` file.
+        BEIR folder, ``corpus.jsonl`` or ``.parquet`` file: a local path, a ``file://`` URL, or any
+        URL :func:`storage.fs.resolve` opens (``s3://``, ``gs://``, fsspec schemes).
     index_dir
-        Output folder; created if missing. Re-running with the same input and settings reuses every
-        cached shard (no model work); a run killed half-way resumes from the finished shards.
+        Output folder (local path or ``file://`` URL); created if missing. Each build that changes
+        anything writes ``INDEX/versions/<version>/`` and then switches ``INDEX/manifest.json`` to it.
+        Documents whose id and content are unchanged are not encoded again; deleted ones are
+        dropped; a run killed half-way resumes from its finished segments; an unchanged corpus
+        returns the current manifest with no model work. A second run on the same folder while
+        one is running fails at once (:class:`storage.lock.IndexLockedError`).
     config
-        Model, chunking, precision, FDE and ANN settings.
+        Model, chunking, precision, FDE and ANN settings, and ``shard_size`` (documents per segment).
+    cache
+        Where the shard cache lives (default ``INDEX/.cache``): a local path or a filesystem URL
+        that every worker of a distributed run can reach.
+    keep_versions
+        Versions kept on disk, the current one included (default 2: the previous version stays
+        readable while services switch over).
     """
     started = time.perf_counter()
-    out = Path(index_dir)
-    cache = out / files.CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
+    if keep_versions < 1:
+        raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
+    out = _index_dir(index_dir)
+    with IndexLock(out):
+        remove_temporaries(out)  # a killed run's half-written manifest.json, never read by anyone
+        return _build(corpus, out, config, _cache_location(out, cache), keep_versions, started)
+
+
+def _logger() -> Any:
+    """The flow run's logger (shown in the Prefect UI), or a plain one when called without the engine."""
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError: index_flow.fn(...) called directly
+        return logging.getLogger("lateflow.index")
+
+
+def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_versions: int, started: float) -> dict[str, Any]:
+    logger = _logger()
     model_path = resolve_model_path(config.model)
     dim, max_positions = _model_dim(model_path)
     if config.chunk.window > max_positions - 2:
@@ -218,31 +323,90 @@ def index_flow(corpus: str, index_dir: str, config: IndexConfig = IndexConfig())
         model_path=model_path, precision=config.precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens
     )
     corpus_data = load_corpus_task(corpus, config.on_error)
-    shards = _shard_files(corpus_data, cache, config, model_path, fde_config)
-    build_key = stable_key([s["fde"] for s in shards], config.ann.to_dict(), corpus_data.rejected.num_rows)
+    settings = seg.SegmentSettings(
+        pipeline_version=PIPELINE_VERSION,
+        chunk=config.chunk.to_dict(),
+        model_fingerprint=model_fingerprint(model_path),
+        # the device never changes the vectors beyond float noise, so it is not part of the key
+        encoder={"precision": config.precision, "drop_punctuation": config.drop_punctuation, "device_class": "any"},
+        fde=fde_config.to_dict(),
+    )
+    build_key = stable_key(
+        settings.key(),
+        config.ann.to_dict(),
+        table_digest(corpus_data.docs, ["doc_id", "title", "text", "metadata", "content_hash"]),
+        table_digest(corpus_data.rejected, REJECTED.names),
+    )
     current = _current_manifest(out)
     if current is not None and current.get("build_key") == build_key:
         return current  # the index already holds exactly this input and these settings
-    for shard in shards:
-        chunk_task(shard["docs"], shard["chunks"], model_path, config.chunk)
-        encode_task(shard["chunks"], shard["tokens"], encoder_config, config.device)
-        fde_task(shard["tokens"], shard["fde"], fde_config)
-    facts = assemble_task(str(out), shards, corpus_data, config.ann, config.fde.seed)
+    for name, manifest in complete_versions(out).items():
+        if manifest.get("build_key") == build_key:
+            # a run killed between writing this version and switching to it, or a corpus that went back
+            # to an earlier state: the version is complete, so switching to it is all that is left
+            _switch(out, out / "versions" / name, manifest, keep_versions)
+            return manifest
+
+    fs.makedirs(cache)
+    previous = _previous_docs(out)
+    plan = seg.plan_segments(corpus_data.docs, seg.read_catalog(cache, settings), cache, settings, config.shard_size)
+    docs_of = {d: i for i, d in enumerate(corpus_data.docs.column("doc_id").to_pylist())}
+    for s in plan.segments:
+        if s.new:
+            s.present = {stage: fs.exists(getattr(s, stage)) for stage in seg.STAGES}
+            if not fs.exists(s.docs):
+                fs.write_parquet(corpus_data.docs.take(pa.array([docs_of[d] for d in s.doc_ids], type=pa.int64())), s.docs)
+    to_encode = [s for s in plan.segments if not s.present.get("tokens")]
+    changes = _changes(previous, corpus_data.docs)
+    logger.info(
+        "%d documents: %d new, %d changed, %d unchanged, %d removed; %d of %d segments need work",
+        corpus_data.docs.num_rows, changes["new"], changes["changed"], changes["unchanged"], changes["removed"],
+        sum(not s.complete() for s in plan.segments), len(plan.segments),
+    )
+    _run_stages(plan.segments, model_path, config, encoder_config, fde_config)
+
+    version = new_version_dir(out, build_key)
+    facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed)
+    corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
     body = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "corpus": {"path": str(Path(corpus).resolve()), "file_sha256": sha256_file(corpus_data.source)},
-        "model": {"spec": config.model or "default", "path": model_path, "fingerprint": model_fingerprint(model_path), "dim": dim},
+        "version": version.name,
+        "corpus": {"path": corpus_path, "file_sha256": corpus_data.file_sha256},
+        "model": {"spec": config.model or "default", "path": model_path, "fingerprint": settings.model_fingerprint, "dim": dim},
         "chunking": config.chunk.to_dict(),
         "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
         "fde": fde_config.to_dict(),
         "ann": {**config.ann.to_dict(), **facts.pop("ann")},
         "counts": facts,
+        "incremental": {
+            **{f"docs_{k}": v for k, v in changes.items()},
+            "docs_encoded": sum(len(s.doc_ids) for s in to_encode),
+            "segments": len(plan.segments),
+            "segments_encoded": len(to_encode),
+            "segments_reused": sum(not s.new for s in plan.segments),
+        },
         "versions": library_versions(),
         "build_seconds": round(time.perf_counter() - started, 3),
         "build_key": build_key,
     }
     manifest = write_manifest(
-        out, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]
+        version, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]
     )
-    _prune_cache(cache, {p for s in shards for p in s.values()})
+    _switch(out, version, manifest, keep_versions)
+    _tidy_cache(plan, corpus_data.docs, cache, settings)
     return manifest
+
+
+def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.SegmentSettings) -> None:
+    """Keep the cache bounded: drop files no live document needs, compact mostly-dead segments.
+
+    Runs after the switch, so a crash here costs nothing but disk until the next run.
+    """
+    live_pairs = set(zip(docs.column("doc_id").to_pylist(), docs.column("content_hash").to_pylist()))
+    keep: set[str] = set()
+    for s in plan.segments:
+        live = {d for d, h in zip(s.doc_ids, s.content_hashes) if (d, h) in live_pairs}
+        if 2 * len(live) < len(s.doc_ids):
+            s = seg.compact(s, live, cache, settings)
+        keep.update(s.paths().values())
+    seg.prune_cache(cache, keep)

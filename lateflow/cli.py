@@ -38,6 +38,17 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad corpus records: stop (default) or skip and record in rejected.parquet")
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from flows.runners import RUNNERS
+
+    g = p.add_argument_group("where the work runs (scale-out)")
+    g.add_argument("--runner", choices=RUNNERS, default="default", help="task runner: default (in this process) or dask (segments encoded in parallel on Dask workers)")
+    g.add_argument("--dask-address", default=None, metavar="ADDR", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default with --runner dask: a LocalCluster, one worker per core)")
+    g.add_argument("--dask-workers", type=int, default=None, metavar="N", help="workers of the LocalCluster (default: one per core)")
+    g.add_argument("--cache", default=None, metavar="PATH_OR_URL", help="shard cache (default INDEX/.cache); a URL such as s3://bucket/lateflow-cache lets workers on other machines share it")
+    g.add_argument("--keep-versions", type=int, default=2, metavar="N", help="index versions kept on disk, the current one included (default 2)")
+
+
 def _add_prf_options(p: argparse.ArgumentParser, with_switch: bool) -> None:
     from tasks.prf import PRF_MODES, PRFConfig
 
@@ -87,15 +98,48 @@ def index_config_from_args(args: argparse.Namespace):
 
 def cmd_index(args: argparse.Namespace) -> int:
     from flows.index import index_flow
+    from flows.runners import with_runner
+    from storage.fs import is_local, local_path
+    from storage.manifest import resolve_index_dir
+    from storage.versions import current_version
 
-    manifest = index_flow(str(args.corpus), str(args.index), index_config_from_args(args))
+    flow = with_runner(index_flow, args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers)
+    before = current_version(local_path(args.index)) if is_local(args.index) else None
+    manifest = flow(args.corpus, args.index, index_config_from_args(args), cache=args.cache, keep_versions=args.keep_versions)
+    if before is not None and manifest.get("version") == before:
+        print(f"{args.index} is up to date: version {before} already holds this corpus with these settings (nothing to do)")
+        return 0
     counts = manifest["counts"]
     print(
         f"indexed {counts['docs']} documents as {counts['chunks']} chunks / {counts['tokens']} tokens "
         f"into {args.index} in {manifest['build_seconds']:.1f} s (FDE dim {counts['fde_dim']}, ANN {manifest['ann']['kind']})"
     )
+    inc = manifest.get("incremental")
+    if inc:
+        print(
+            f"version {manifest['version']}: {inc['docs_new']} new, {inc['docs_changed']} changed, {inc['docs_unchanged']} unchanged, "
+            f"{inc['docs_removed']} removed documents; encoded {inc['docs_encoded']} documents in {inc['segments_encoded']} of {inc['segments']} segments"
+        )
     if counts["rejected"]:
-        print(f"{counts['rejected']} records rejected: see {Path(args.index) / 'rejected.parquet'}")
+        print(f"{counts['rejected']} records rejected: see {resolve_index_dir(local_path(args.index)) / 'rejected.parquet'}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import serve_index
+
+    print(f"lateflow deploy: serving deployment 'index/{args.name}' (cron {args.cron!r}); runs happen in this process until you stop it (Ctrl-C)", file=sys.stderr)
+    serve_index(
+        args.corpus,
+        args.index,
+        index_config_from_args(args),
+        cron=args.cron,
+        name=args.name,
+        runner=args.runner,
+        dask_address=args.dask_address,
+        cache=args.cache,
+        keep_versions=args.keep_versions,
+    )
     return 0
 
 
@@ -110,12 +154,76 @@ def print_hits(hits, as_json: bool) -> None:
         print(f"     {snippet}")
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from lateflow.engine import LateIndex
+def parse_filter(pairs: Sequence[str] | None) -> dict | None:
+    """``["source=x", "year=2020", "year=2021"]`` -> ``{"source": "x", "year": [2020, 2021]}``.
 
+    A value is read as JSON when it parses (numbers, true, null, lists), else taken as a string;
+    a field given twice means "any of".
+
+    Examples
+    --------
+    >>> parse_filter(["source=web", "year=2020", "year=2021"])
+    {'source': 'web', 'year': [2020, 2021]}
+    """
+    if not pairs:
+        return None
+    out: dict = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--filter expects FIELD=VALUE, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if name in out:
+            previous = out[name] if isinstance(out[name], list) else [out[name]]
+            value = previous + (value if isinstance(value, list) else [value])
+        out[name] = value
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from lateflow.engine import LateIndex, SearchHit
+
+    if (args.index is None) == (args.server is None):
+        raise ValueError("give exactly one of --index (search in-process) or --server URL (ask a running service)")
     prf = prf_config_from_args(args) if args.prf else None
+    filters = parse_filter(args.filter)
+    if args.server:
+        from service.client import search_remote
+
+        prf_body = {k: v for k, v in prf.to_dict().items() if k in ("fb_docs", "k", "fb_embs", "beta", "mode")} if prf else False
+        answer = search_remote(args.server, args.query, k=args.k, candidates=args.candidates, prf=prf_body, filter=filters)
+        print_hits([SearchHit(**hit) for hit in answer["results"]], args.json)
+        return 0
     index = LateIndex.open(args.index, device=args.device)
-    print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf), args.json)
+    print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf, filter=filters), args.json)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.app import create_app
+    from service.auth import resolve_token
+    from service.limits import Limits
+    from service.server import configure_logging, serve
+
+    token = resolve_token(args.token_file)
+    limits = Limits(
+        max_query_chars=args.max_query_chars,
+        max_k=args.max_k,
+        max_batch=args.max_batch,
+        max_body_bytes=args.max_body_bytes,
+        max_concurrent_searches=args.max_concurrent or Limits().max_concurrent_searches,
+    )
+    configure_logging(args.log_level)
+    print(f"lateflow serve: loading {args.index} ...", file=sys.stderr)
+    app = create_app(args.index, token=token, limits=limits, watch_seconds=args.watch_seconds, device=args.device, verify=args.verify, preload=True)
+    auth = "bearer token required (from --token-file)" if args.token_file else ("bearer token required (from $LATEFLOW_API_TOKEN)" if token else "no auth")
+    if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lateflow serve: warning: listening on {args.host} without a token; set LATEFLOW_API_TOKEN or --token-file", file=sys.stderr)
+    print(f"lateflow serve: index {app.state.holder.current.index_id} on http://{args.host}:{args.port} ({auth}; docs at /docs)", file=sys.stderr)
+    serve(app, args.host, args.port, log_level=args.log_level)
     return 0
 
 
@@ -134,6 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         prf=prf_config_from_args(args),
         command=command,
+        max_queries=args.max_queries,
     )
     print(f"\n{report['dataset']} ({report['split']}): {report['docs']} docs, {report['queries']} queries, {report['evaluation_seconds']:.0f} s\n")
     print(render_table(report))
@@ -144,7 +253,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from evaluation.demo import run_demo
 
-    return run_demo(Path(args.workdir))
+    return run_demo(Path(args.workdir), args.max_queries)
 
 
 def _system_names() -> tuple[str, ...]:
@@ -154,20 +263,45 @@ def _system_names() -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evaluation.demo import DEMO_QUERY_COUNT
     from lateflow.engine import DEFAULT_CANDIDATES
 
     parser = argparse.ArgumentParser(prog="lateflow", description="Multi-vector retrieval: MUVERA FDE + FAISS + exact MaxSim, as Prefect flows.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("index", help="build or update an index from a corpus", description="Index a corpus: chunk, encode, FDE, ANN (a Prefect flow).")
-    p.add_argument("corpus", type=Path, help="BEIR folder, corpus.jsonl or .parquet (columns _id, title, text, metadata...)")
-    p.add_argument("--index", type=Path, required=True, help="index folder to write")
+    p = sub.add_parser(
+        "index",
+        help="build or update an index from a corpus",
+        description="Index a corpus: chunk, encode, FDE, ANN (a Prefect flow). Incremental: only new or changed documents are encoded, "
+        "deleted ones dropped; each build is a new version under INDEX/versions, switched in atomically. A killed run resumes when re-run; "
+        "a second run on the same index folder fails at once (lock).",
+    )
+    # str, not Path: Path would fold the // of URLs such as s3://bucket/corpus.jsonl
+    p.add_argument("corpus", help="BEIR folder, corpus.jsonl or .parquet (columns _id, title, text, metadata...): a path, file:// URL or s3://, gs://, fsspec URL")
+    p.add_argument("--index", required=True, help="index folder to write (local path or file:// URL)")
     _add_index_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("search", help="query an index", description="Search an index in-process and print the top documents.")
+    p = sub.add_parser(
+        "deploy",
+        help="serve a scheduled index deployment on a Prefect server",
+        description="Register a Prefect deployment of the index flow with a cron schedule (flow.serve) and run its runs in this process "
+        "until stopped. Needs PREFECT_API_URL pointing at a Prefect server (prefect server start --host 127.0.0.1 --analytics-off).",
+    )
+    p.add_argument("corpus", help="corpus to index on every run (path or URL, as for `lateflow index`)")
+    p.add_argument("--index", required=True, help="index folder each run updates incrementally")
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *" for 02:00 UTC every day (schedules run in UTC)')
+    p.add_argument("--name", default="scheduled", help="deployment name; the deployment is index/NAME (default scheduled)")
+    _add_index_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("search", help="query an index", description="Search an index in-process (--index) or through a running service (--server) and print the top documents.")
     p.add_argument("query", help="query text")
-    p.add_argument("--index", type=Path, required=True, help="index folder built by `lateflow index`")
+    p.add_argument("--index", type=Path, default=None, help="index folder built by `lateflow index` (search in-process)")
+    p.add_argument("--server", default=None, metavar="URL", help="URL of a running `lateflow serve` to ask instead, e.g. http://127.0.0.1:8000 (sends $LATEFLOW_API_TOKEN if set)")
+    p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE", help="keep documents whose metadata FIELD equals VALUE (JSON or text); repeat a field for any of")
     p.add_argument("-k", type=int, default=10, help="documents to return (default 10)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates to rerank (default {DEFAULT_CANDIDATES})")
     p.add_argument("--json", action="store_true", help="print results as JSON")
@@ -182,12 +316,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", nargs="+", default=None, metavar="NAME", help="systems to run (default: all): " + ", ".join(_system_names()))
     p.add_argument("--index", type=Path, default=None, help="index folder to build or reuse (default OUT/index)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates for fde-rerank (default {DEFAULT_CANDIDATES})")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N", help="evaluate a fixed subset of N queries (chosen by a hash of their ids; default: all)")
     _add_index_options(p)
     _add_prf_options(p, with_switch=False)
     p.set_defaults(func=cmd_evaluate)
 
+    from service.limits import Limits
+
+    lim = Limits()
+    p = sub.add_parser("serve", help="serve an index over HTTP", description="Serve an index over HTTP (FastAPI + uvicorn): POST /search, POST /search/batch, GET /health, GET /ready, POST /reload; OpenAPI docs at /docs. A new index version on disk is swapped in without dropping requests.")
+    p.add_argument("--index", type=Path, required=True, help="index folder (or a symlink to one: re-point it to swap versions)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token clients must send (default: $LATEFLOW_API_TOKEN; neither: no auth)")
+    p.add_argument("--watch-seconds", type=float, default=5.0, help="poll the index manifest this often and swap in a new version (default 5; 0: only on POST /reload)")
+    p.add_argument("--max-batch", type=int, default=lim.max_batch, help=f"most queries per POST /search/batch (default {lim.max_batch})")
+    p.add_argument("--max-k", type=int, default=lim.max_k, help=f"largest k per query (default {lim.max_k})")
+    p.add_argument("--max-query-chars", type=int, default=lim.max_query_chars, help=f"longest query in characters (default {lim.max_query_chars})")
+    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help=f"largest request body in bytes (default {lim.max_body_bytes})")
+    p.add_argument("--max-concurrent", type=int, default=0, help="searches computed at once; others wait (default: one per CPU core)")
+    p.add_argument("--verify", action="store_true", help="check every artifact's sha256 on each load (slower)")
+    p.add_argument("--device", default=None, help="cuda or cpu for the query encoder (default: cuda when present)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="index and query the small dataset shipped with lateflow", description="Index the bundled LIMIT-small corpus, run sample searches and an evaluation.")
     p.add_argument("--workdir", default="lateflow-demo", help="folder for the demo's index and reports (default ./lateflow-demo)")
+    p.add_argument("--max-queries", type=int, default=DEMO_QUERY_COUNT, metavar="N", help=f"queries evaluated, of 1,000 (default {DEMO_QUERY_COUNT}; 1000 for all)")
     p.set_defaults(func=cmd_demo)
     return parser
 

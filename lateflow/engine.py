@@ -13,13 +13,13 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from storage import index_files as files
-from storage.manifest import IndexFormatError, read_manifest
+from storage.manifest import IndexFormatError, read_manifest, resolve_index_dir
 from tasks.ann import ANNConfig, configure_search, search_ann, to_device
 from tasks.encode import EncoderConfig, load_encoder, resolve_model_path
 from tasks.fde import FDEConfig, encode_query
@@ -27,7 +27,81 @@ from tasks.idf import idf_lookup
 from tasks.prf import PRFConfig, expand_query, expansion_embeddings
 from tasks.rerank import gather_rows, group_max, maxsim_candidates, maxsim_exhaustive
 
-DEFAULT_CANDIDATES = 200
+# ANN chunks reranked per query. On scifact train (300 queries, evaluation/benchmarks/candidates_sweep.py)
+# 200 / 400 / 800 candidates found 94.3 / 97.6 / 98.9% of the exact MaxSim top-10 at a rerank cost
+# linear in the count; 400 is the knee. The nDCG@10 differences between them were within noise.
+DEFAULT_CANDIDATES = 400
+
+
+def set_query_threads(n: int) -> None:
+    """Set torch's and FAISS's thread counts for a process that answers queries (see :meth:`LateIndex.open`)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    faiss.omp_set_num_threads(max(1, n))
+
+
+TOKEN_MEMORY = ("auto", "float32", "float16")
+
+
+def _token_memory_dtype(choice: str, n_values: int) -> type:
+    """float32 or float16 for a token store of ``n_values`` numbers (see :meth:`LateIndex.open`)."""
+    if choice not in TOKEN_MEMORY:
+        raise ValueError(f"token_memory must be one of {TOKEN_MEMORY}, got {choice!r}")
+    if choice == "auto":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        return np.float32 if 4 * n_values <= ram / 4 else np.float16
+    return np.float32 if choice == "float32" else np.float16
+
+
+def _match_key(value: Any) -> tuple[str, Any] | None:
+    """Hashable key under which a metadata value is matched; None for values that are not scalars.
+
+    Booleans get their own kind because Python counts ``True == 1``; ints and floats share one
+    (``2 == 2.0`` in JSON terms).
+
+    Examples
+    --------
+    >>> _match_key(True), _match_key(1) == _match_key(1.0), _match_key({"a": 1})
+    (('bool', True), True, None)
+    """
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("num", value)
+    if isinstance(value, str):
+        return ("str", value)
+    if value is None:
+        return ("null", None)
+    return None
+
+
+def filter_keys(filter: Mapping[str, Any]) -> dict[str, set[tuple[str, Any]]]:
+    """Validate a metadata filter; return, per field, the set of accepted value keys.
+
+    A filter maps a metadata field to a scalar (equality) or a list of scalars ("any of"); all
+    fields must match. Raises ValueError for anything else, naming the field.
+
+    Examples
+    --------
+    >>> filter_keys({"source": "x", "year": [2020, 2021]})["year"] == {("num", 2020), ("num", 2021)}
+    True
+    >>> filter_keys({"source": {"nested": 1}})
+    Traceback (most recent call last):
+    ...
+    ValueError: filter field 'source': values must be strings, numbers, booleans or null (or a list of them)
+    """
+    if not isinstance(filter, Mapping):
+        raise ValueError(f"a filter must map metadata fields to values, got {type(filter).__name__}")
+    keys: dict[str, set[tuple[str, Any]]] = {}
+    for name, wanted in filter.items():
+        values = wanted if isinstance(wanted, (list, tuple)) else [wanted]
+        accepted = {_match_key(v) for v in values}
+        if None in accepted:
+            raise ValueError(f"filter field {name!r}: values must be strings, numbers, booleans or null (or a list of them)")
+        keys[str(name)] = accepted  # type: ignore[assignment]
+    return keys
 
 
 @dataclass
@@ -64,7 +138,9 @@ class LateIndex:
     Use :meth:`open`; see the module docstring for how a query is answered.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], device: str | None = None, ann: ANNConfig | None = None) -> None:
+    def __init__(
+        self, path: Path, manifest: dict[str, Any], device: str | None = None, ann: ANNConfig | None = None, token_memory: str = "auto"
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.device = device
@@ -91,6 +167,8 @@ class LateIndex:
         self.tokens = files.read_token_store(path / files.TOKENS_FILE)
         if self.tokens.n_chunks != len(self.chunk_doc_ids):
             raise IndexFormatError(f"{path / files.TOKENS_FILE}: {self.tokens.n_chunks} chunks, chunks.parquet has {len(self.chunk_doc_ids)}")
+        if _token_memory_dtype(token_memory, self.tokens.vectors.size) == np.float32:
+            self.tokens.vectors = self.tokens.vectors.astype(np.float32)
         self.ann_config = ann or ANNConfig(**{k: v for k, v in manifest["ann"].items() if k in ANNConfig.__dataclass_fields__})
         index = files.read_faiss(path / files.ANN_FILE)
         if index.ntotal != self.tokens.n_chunks or index.d != self.fde_config.output_dim:
@@ -102,26 +180,47 @@ class LateIndex:
         self.idf = idf_lookup(idf_table, max(vocab, int(self.tokens.token_ids.max(initial=0)) + 1))
         self._encoder_lock = threading.Lock()
         self._encoder = None
+        # metadata field -> value key -> doc indices, built on the first filtered search
+        self._postings: dict[str, dict[tuple[str, Any], np.ndarray]] | None = None
+        self._postings_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str | None = None, verify: bool = False, ann: ANNConfig | None = None) -> "LateIndex":
+    def open(
+        cls, path: str | os.PathLike, *, device: str | None = None, verify: bool = False, ann: ANNConfig | None = None,
+        query_threads: int | None = 1, token_memory: str = "auto",
+    ) -> "LateIndex":
         """Open an index folder built by ``lateflow index``.
 
         Parameters
         ----------
         path
-            The index folder.
+            The index folder (its current version is opened; :attr:`path` is that version's folder).
         device
             Encoder device (None: cuda when present, else cpu).
         verify
             Also check every artifact's sha256 against the manifest (reads every byte).
         ann
             Override search-time ANN knobs (``hnsw_ef_search``, ``ivf_nprobe``).
+        query_threads
+            Threads of torch and FAISS in this process (None: leave them alone). One query gains
+            little from more threads on a CPU, while torch's, OpenBLAS's and FAISS's pools spinning
+            against each other on 2 cores made query encoding ~1.5x and the PRF k-means ~5x slower
+            (measured); serve concurrency by answering several queries at once instead. Bulk
+            encoding and ANN builds in the same process still use every core.
+        token_memory
+            ``float32``, ``float16`` or ``auto``: how the token store is held in memory (it is float16
+            on disk). MaxSim is computed in float32, and converting float16 rows on every query cost
+            about as much as the matrix product itself (numpy and torch alike, measured), so
+            ``auto`` keeps float32 when that takes at most a quarter of the machine's RAM, else float16.
         """
-        path = Path(path)
+        # a versioned index folder: read the current version's folder (resolved once, so every file
+        # comes from the same version even if a new one is switched in meanwhile)
+        path = resolve_index_dir(Path(path))
         manifest = read_manifest(path, verify_hashes=verify)
-        return cls(path, manifest, device=device, ann=ann)
+        if query_threads is not None:
+            set_query_threads(query_threads)
+        return cls(path, manifest, device=device, ann=ann, token_memory=token_memory)
 
     @property
     def encoder(self):
@@ -162,24 +261,84 @@ class LateIndex:
         vectors = query.vectors if query.weights is None else query.vectors * query.weights[:, None]
         return encode_query(vectors, self.fde_config)
 
-    def _search_chunks(self, query: QueryTokens, n: int, min_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    def filter_mask(self, filter: Mapping[str, Any] | None) -> np.ndarray | None:
+        """Boolean mask over documents that match a metadata filter (None for no filter).
+
+        ``{"source": "x", "year": [2020, 2021]}`` keeps documents whose metadata ``source`` equals
+        ``"x"`` and whose ``year`` is 2020 or 2021. A document whose field holds a list matches when
+        any element does. A document without the field never matches. Raises ValueError for a
+        malformed filter (see :func:`filter_keys`).
+        """
+        if not filter:
+            return None
+        wanted = filter_keys(filter)
+        postings = self._metadata_postings()
+        mask = np.ones(len(self.doc_ids), dtype=bool)
+        for name, keys in wanted.items():
+            field_mask = np.zeros(len(self.doc_ids), dtype=bool)
+            for key in keys:
+                docs = postings.get(name, {}).get(key)
+                if docs is not None:
+                    field_mask[docs] = True
+            mask &= field_mask
+        return mask
+
+    def _metadata_postings(self) -> dict[str, dict[tuple[str, Any], np.ndarray]]:
+        """Inverted index of scalar metadata values, so a filter costs a few array ops, not a JSON scan."""
+        if self._postings is None:
+            with self._postings_lock:  # one build even when the first filtered searches arrive together
+                if self._postings is None:
+                    postings: dict[str, dict[tuple[str, Any], list[int]]] = {}
+                    for doc, raw in enumerate(self.doc_metadata):
+                        for name, value in (json.loads(raw) if raw else {}).items():
+                            for item in value if isinstance(value, list) else [value]:
+                                key = _match_key(item)
+                                if key is not None:
+                                    postings.setdefault(name, {}).setdefault(key, []).append(doc)
+                    self._postings = {n: {k: np.unique(d) for k, d in v.items()} for n, v in postings.items()}
+        return self._postings
+
+    def _search_chunks(self, query: QueryTokens, n: int, min_docs: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """ANN top chunks (scores, rows) for the query FDE, widened until they cover ``min_docs`` documents.
 
         Long documents own many chunks, so the top ``n`` chunks may name fewer than ``min_docs``
         documents; the ANN is then asked for 4x more until enough documents or every chunk is seen.
+        With ``allowed`` (a mask over documents), chunks of other documents are dropped and the
+        search widens until ``n`` allowed chunks covering ``min_docs`` allowed documents are found (or
+        every chunk is seen): a filtered search reranks as many candidates as an unfiltered one.
         """
-        fde = self.query_fde(query)[None, :]
+        if allowed is not None and not allowed.any():
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        want, fde = n, self.query_fde(query)[None, :]
         while True:
             scores, rows = search_ann(self.ann, fde, n)
             valid = rows[0] >= 0
             scores, rows = scores[0][valid], rows[0][valid]
-            if n >= self.ann.ntotal or len(np.unique(self.chunk_doc[rows])) >= min_docs:
-                return scores, rows
+            if allowed is not None:
+                keep = allowed[self.chunk_doc[rows]]
+                scores, rows = scores[keep], rows[keep]
+            docs = self.chunk_doc[rows]
+            enough = len(np.unique(docs)) >= min_docs
+            if allowed is not None:
+                enough = enough and len(rows) >= want
+            if n >= self.ann.ntotal or enough:
+                break
             n *= 4
+        if allowed is not None:
+            # the last widening may overshoot: keep the top `want` chunks, or more if the
+            # min_docs-th distinct document only appears further down
+            _, first = np.unique(docs, return_index=True)
+            needed = np.sort(first)[min(min_docs, len(first)) - 1] + 1 if len(first) else 0
+            cut = max(want, int(needed))
+            scores, rows = scores[:cut], rows[:cut]
+        return scores, rows
 
-    def candidate_documents(self, query: QueryTokens, candidates: int, min_docs: int = 1) -> np.ndarray:
-        """Documents of the ANN's top ``candidates`` chunks (at least ``min_docs`` of them), first-seen order."""
-        _, rows = self._search_chunks(query, candidates, min_docs)
+    def candidate_documents(self, query: QueryTokens, candidates: int, min_docs: int = 1, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Documents of the ANN's top ``candidates`` chunks (at least ``min_docs`` of them), first-seen order.
+
+        ``allowed`` (a mask over documents, see :meth:`filter_mask`) restricts them to matching documents.
+        """
+        _, rows = self._search_chunks(query, candidates, min_docs, allowed)
         docs = self.chunk_doc[rows]
         _, first = np.unique(docs, return_index=True)
         return docs[np.sort(first)]
@@ -194,21 +353,29 @@ class LateIndex:
         return best, chunk_ids[arg]
 
     def rank(
-        self, query: QueryTokens, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES, prf: PRFConfig | None = None
+        self,
+        query: QueryTokens,
+        k: int = 10,
+        *,
+        candidates: int = DEFAULT_CANDIDATES,
+        prf: PRFConfig | None = None,
+        filter: Mapping[str, Any] | None = None,
     ) -> list[tuple[int, float, int]]:
         """FDE + ANN candidates, exact MaxSim rerank, optional ColBERT-PRF.
 
         Returns ``(doc index, score, best chunk id)``, best first. With ``prf`` in ``rerank`` mode the
         first-pass candidates are re-scored with the expanded query; in ``retrieve`` mode the expanded
-        query goes through FDE + ANN again and its candidates are re-scored with it.
+        query goes through FDE + ANN again and its candidates are re-scored with it. With ``filter``
+        (see :meth:`filter_mask`) only matching documents are candidates, in both passes.
         """
-        docs = self.candidate_documents(query, candidates, min_docs=k)
+        allowed = self.filter_mask(filter)
+        docs = self.candidate_documents(query, candidates, min_docs=k, allowed=allowed)
         scores, best_chunks = self.score_documents(query, docs)
         if prf is not None:
             order = np.argsort(-scores, kind="stable")
             expanded = self.expand(query, docs[order[: prf.fb_docs]], prf)
             if prf.mode == "retrieve":
-                docs = self.candidate_documents(expanded, candidates, min_docs=k)
+                docs = self.candidate_documents(expanded, candidates, min_docs=k, allowed=allowed)
             scores, best_chunks = self.score_documents(expanded, docs)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
@@ -268,7 +435,15 @@ class LateIndex:
             metadata=json.loads(meta) if meta else {},
         )
 
-    def search(self, query: str, k: int = 10, *, candidates: int = DEFAULT_CANDIDATES, prf: PRFConfig | None = None) -> list[SearchHit]:
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        candidates: int = DEFAULT_CANDIDATES,
+        prf: PRFConfig | None = None,
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[SearchHit]:
         """Top ``k`` documents for a query text (FDE + ANN candidates, exact MaxSim rerank).
 
         Parameters
@@ -281,10 +456,16 @@ class LateIndex:
             Number of chunks the ANN returns before reranking; more is slower and closer to exact.
         prf
             ColBERT-PRF settings (None: no feedback), see :class:`tasks.prf.PRFConfig`.
+        filter
+            Metadata filter such as ``{"source": "x"}`` or ``{"year": [2020, 2021]}`` (a list means
+            any of; every field must match; see :meth:`filter_mask`). Non-matching documents never
+            appear, and ``k`` results come back whenever at least ``k`` documents match.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {candidates}")
-        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k), prf=prf)
+        if filter:
+            filter_keys(filter)  # a malformed filter fails before the encoder runs
+        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k), prf=prf, filter=filter)
         return [self.hit(d, s, c, r) for r, (d, s, c) in enumerate(ranked, start=1)]

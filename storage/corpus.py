@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -22,7 +23,8 @@ from typing import Any, Iterator, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.hashing import sha256_text
+from storage import fs
+from storage.hashing import sha256_file, sha256_text
 from storage.schemas import DOCS, REJECTED
 
 OnError = Literal["raise", "skip"]
@@ -39,6 +41,7 @@ class Corpus:
     docs: pa.Table
     rejected: pa.Table
     source: str
+    file_sha256: str = ""
 
     def __len__(self) -> int:
         return self.docs.num_rows
@@ -73,14 +76,14 @@ def full_text(title: str, text: str) -> str:
     return title or text
 
 
-def _records_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
+def _records_jsonl(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield line_no, CorpusError(
-                    f"{path}:{line_no}: bytes are not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})"
+                    f"{name}:{line_no}: bytes are not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})"
                 )
                 continue
             if not line.strip():
@@ -88,19 +91,19 @@ def _records_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusErr
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield line_no, CorpusError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})")
+                yield line_no, CorpusError(f"{name}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})")
                 continue
             if not isinstance(record, dict):
-                yield line_no, CorpusError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                yield line_no, CorpusError(f"{name}:{line_no}: expected a JSON object, got {type(record).__name__}")
                 continue
             yield line_no, record
 
 
-def _records_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
+def _records_parquet(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise CorpusError(f"{name}: not a readable Parquet file ({exc})") from exc
     for row_no, record in enumerate(table.to_pylist(), start=1):
         yield row_no, record
 
@@ -133,7 +136,9 @@ def read_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") -> Corp
     ----------
     path
         A BEIR folder (holding ``corpus.jsonl``), a ``.jsonl`` file or a ``.parquet`` file with
-        columns ``_id`` (or ``doc_id``), ``title``, ``text`` and any metadata columns.
+        columns ``_id`` (or ``doc_id``), ``title``, ``text`` and any metadata columns. A ``file://``
+        URL, or any URL that :func:`storage.fs.resolve` opens (``s3://``, ``gs://``, fsspec schemes),
+        works too: a remote file is copied to a local temporary file first.
     on_error
         ``"raise"`` (default) stops at the first bad record with a message naming file and line;
         ``"skip"`` records it in ``Corpus.rejected`` and goes on.
@@ -151,9 +156,26 @@ def read_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") -> Corp
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    file = resolve_corpus_path(path)
+    if fs.is_local(path):
+        file = resolve_corpus_path(fs.local_path(path))
+        return _read_corpus_file(file, str(file), on_error)
+    url = str(path).rstrip("/")
+    if not url.endswith((".jsonl", ".parquet")):
+        candidates = [fs.join(url, name) for name in ("corpus.jsonl", "corpus.parquet")]
+        found = [c for c in candidates if fs.exists(c)]
+        if not found:
+            raise CorpusError(f"{url}: no corpus.jsonl or corpus.parquet there (BEIR layout expected)")
+        url = found[0]
+    elif not fs.exists(url):
+        raise CorpusError(f"{url}: no such file")
+    with tempfile.TemporaryDirectory(prefix="lateflow-corpus-") as tmp:
+        return _read_corpus_file(fs.fetch(url, tmp), url, on_error)
+
+
+def _read_corpus_file(file: Path, name: str, on_error: OnError) -> Corpus:
+    """Parse a local corpus file; ``name`` (its path or URL) is what messages and records cite."""
     is_parquet = file.suffix == ".parquet"
-    records = _records_parquet(file) if is_parquet else _records_jsonl(file)
+    records = _records_parquet(file, name) if is_parquet else _records_jsonl(file, name)
     unit = "row" if is_parquet else "line"
     docs: dict[str, list] = {name: [] for name in DOCS.names}
     rejected: dict[str, list] = {name: [] for name in REJECTED.names}
@@ -161,12 +183,12 @@ def read_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") -> Corp
 
     def reject(doc_id: str | None, line: int, reason: str) -> None:
         rejected["doc_id"].append(doc_id)
-        rejected["source"].append(str(file))
+        rejected["source"].append(name)
         rejected["line"].append(line)
         rejected["reason"].append(reason)
 
     for line_no, record in records:
-        where = f"{file}:{line_no}" if not is_parquet else f"{file}: {unit} {line_no}"
+        where = f"{name}:{line_no}" if not is_parquet else f"{name}: {unit} {line_no}"
         try:
             if isinstance(record, CorpusError):
                 raise record
@@ -189,9 +211,10 @@ def read_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") -> Corp
         docs["metadata"].append(json.dumps(metadata, ensure_ascii=False, sort_keys=True, default=str))
         docs["content_hash"].append(sha256_text(body))
     if not docs["doc_id"]:
-        raise CorpusError(f"{file}: the corpus has no usable document ({len(rejected['reason'])} rejected)")
+        raise CorpusError(f"{name}: the corpus has no usable document ({len(rejected['reason'])} rejected)")
     return Corpus(
         docs=pa.Table.from_pydict(docs, schema=DOCS),
         rejected=pa.Table.from_pydict(rejected, schema=REJECTED),
-        source=str(file),
+        source=name,
+        file_sha256=sha256_file(file),
     )

@@ -8,7 +8,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path
 from storage.manifest import IndexFormatError
@@ -30,7 +29,7 @@ class TokenStore:
     ``vectors[offsets[i]:offsets[i+1]]`` and ``token_ids[...]`` belong to chunk ``i``.
     """
 
-    vectors: np.ndarray  # (total_tokens, dim) float16
+    vectors: np.ndarray  # (total_tokens, dim) float16 as stored (LateIndex may widen it to float32)
     token_ids: np.ndarray  # (total_tokens,) int32
     offsets: np.ndarray  # (n_chunks + 1,) int64
 
@@ -39,16 +38,17 @@ class TokenStore:
         return len(self.offsets) - 1
 
 
-def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read(path: Path | str, columns: list[str] | None = None) -> pa.Table:
+    from storage import fs  # shard files of a distributed run may sit behind a URL
+
     try:
-        return pq.read_table(path, columns=columns)
+        return fs.read_parquet(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise IndexFormatError(f"{path}: unreadable Parquet ({exc})") from exc
 
 
 def read_token_store(path: str | os.PathLike) -> TokenStore:
     """Load ``tokens.parquet`` into a :class:`TokenStore` (checks that chunk ids are 0..n-1 in order)."""
-    path = Path(path)
     table = _read(path, ["chunk_id", "token_ids", "embeddings"])
     chunk_ids = table.column("chunk_id").to_numpy()
     if not np.array_equal(chunk_ids, np.arange(len(chunk_ids))):
@@ -74,7 +74,6 @@ def read_pooled(path: str | os.PathLike) -> np.ndarray:
 
 def read_fde(path: str | os.PathLike) -> np.ndarray:
     """Load ``fde.parquet`` as a float32 (n_chunks, fde_dim) matrix."""
-    path = Path(path)
     col = _read(path, ["fde"]).column("fde").combine_chunks()
     dim = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)

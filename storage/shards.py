@@ -6,30 +6,30 @@ file exists is skipped, so re-running a flow on the same input does no model wor
 at any point resumes where it stopped (writes are atomic, so an existing file is always complete).
 We do this ourselves rather than through Prefect's result cache because the cached value must live
 beside the index it belongs to, survive a fresh Prefect home, and disappear with the index.
+
+Shard paths may be local paths or filesystem URLs (:mod:`storage.fs`), so that the workers of a
+distributed run on several machines can share one cache on an object store or a shared mount.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.atomic import write_parquet
+from storage import fs
 
 
-def read_table(path: str | os.PathLike) -> pa.Table:
-    """Read a whole Parquet file, naming the file in the error if it is unreadable."""
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file (local path or URL), naming the file in the error if it is unreadable."""
     try:
-        return pq.read_table(path)
+        return fs.read_parquet(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise OSError(f"{path}: cannot read Parquet file ({exc})") from exc
 
 
-def run_cached(out_path: str | os.PathLike, compute: Callable[[], pa.Table]) -> str:
+def run_cached(out_path: str | os.PathLike, compute: Callable[[], pa.Table], *, compression: str = "zstd") -> str:
     """Return ``out_path``, computing and atomically writing it first unless it already exists."""
-    out = Path(out_path)
-    if not out.is_file():
-        write_parquet(compute(), out)
-    return str(out)
+    if not fs.exists(out_path):
+        fs.write_parquet(compute(), out_path, compression=compression)
+    return str(out_path)

@@ -290,12 +290,24 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def bulk_threads() -> int:
+    """Threads for bulk encoding: ``OMP_NUM_THREADS`` when set, else every core.
+
+    Dask workers get ``OMP_NUM_THREADS=1`` (distributed's default), so several worker processes on
+    one machine share its cores instead of each spinning a pool as wide as the machine.
+    """
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
 def encode_chunks(chunks: pa.Table, encoder: Encoder, *, progress: bool = False) -> pa.Table:
     """Encode a ``CHUNKS`` table into a token-store table (schema :func:`storage.schemas.tokens_schema`).
 
     Vectors are stored as float16 (half the bytes; MaxSim is computed in float32 after loading).
     """
-    with torch_threads(os.cpu_count() or 1):
+    with torch_threads(bulk_threads()):
         return _encode_chunks(chunks, encoder, progress)
 
 

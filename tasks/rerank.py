@@ -1,6 +1,6 @@
 """Stage 6: exact late-interaction (MaxSim / Chamfer) scoring over stored token embeddings.
 
-The token store is one flat matrix of unit vectors (float16 on disk and in memory) plus CSR
+The token store is one flat matrix of unit vectors (float16 on disk; float16 or float32 in memory) plus CSR
 ``offsets``: set ``i`` owns rows ``offsets[i]:offsets[i+1]``. Scores are computed in float32 (numpy
 float16 matrix products are very slow on CPU) one block of rows at a time, so memory stays bounded
 whatever the corpus size. Per-set maxima use ``np.maximum.reduceat`` over the block: one BLAS call
@@ -37,7 +37,7 @@ def maxsim_kernel(query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, we
         block_sets = np.arange(first, last)
         nonempty = block_sets[lengths[first:last] > 0]
         if len(nonempty):
-            sim = tokens[lo:hi].astype(np.float32) @ q.T
+            sim = np.asarray(tokens[lo:hi], dtype=np.float32) @ q.T  # no copy when already float32
             maxima = _segment_max(sim, offsets[nonempty] - lo)
             scores[nonempty] = maxima @ w
         first = last
@@ -144,7 +144,7 @@ def maxsim_exhaustive(
         block_sets = np.arange(first, last)
         nonempty = block_sets[lengths[first:last] > 0]
         if len(nonempty):
-            sim = tokens[lo:hi].astype(np.float32) @ stacked.T  # (rows, all query tokens)
+            sim = np.asarray(tokens[lo:hi], dtype=np.float32) @ stacked.T  # (rows, all query tokens)
             maxima = _segment_max(sim, offsets[nonempty] - lo)  # (sets, all query tokens)
             out[:, nonempty] = np.add.reduceat(maxima, q_offsets[:-1], axis=1).T
         first = last

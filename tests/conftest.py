@@ -52,6 +52,28 @@ def limit_small() -> Path:
     return bundled_dataset("limit-small")
 
 
+def small_index_config():
+    """Small, fast index settings for tests: 64-token windows cut a LIMIT-small document into ~3
+    chunks (so the chunk -> document logic is exercised), and 1,024-dim FDEs build in a blink."""
+    from flows.index import FDEParams, IndexConfig
+    from tasks.chunk import ChunkConfig
+
+    return IndexConfig(chunk=ChunkConfig(window=64, overlap=16), fde=FDEParams(repetitions=8, simhash_bits=3, projection_dim=16), shard_size=25)
+
+
+@pytest.fixture(scope="session")
+def limit_small_index(tmp_path_factory, limit_small, prefect_harness) -> Path:
+    """LIMIT-small (46 documents) indexed once per session with :func:`small_index_config`; read-only.
+
+    Tests that change an index must copy it first (``shutil.copytree``).
+    """
+    from flows.index import index_flow
+
+    out = tmp_path_factory.mktemp("limit-small-index") / "index"
+    index_flow(str(limit_small), str(out), small_index_config())
+    return out
+
+
 @pytest.fixture(scope="session")
 def scifact_sample(tmp_path_factory) -> Path:
     """60 real SciFact documents (every 80th line) as a corpus.jsonl; skipped without ../shared."""

@@ -11,7 +11,7 @@ import pytest
 from flows.index import FDEParams, IndexConfig, index_flow
 from lateflow.engine import LateIndex
 from storage import index_files as files
-from storage.manifest import IndexFormatError, read_manifest
+from storage.manifest import IndexFormatError, read_manifest, resolve_index_dir
 from tasks.chunk import ChunkConfig
 from tests.conftest import write_jsonl
 
@@ -26,7 +26,9 @@ def scifact_index(tmp_path_factory, scifact_sample, prefect_harness):
 
 
 def test_artifacts_are_plain_parquet_and_consistent(scifact_index):
-    out, manifest = scifact_index
+    root, manifest = scifact_index
+    out = resolve_index_dir(root)  # the current version's folder
+    assert out.parent.name == "versions" and out.name == manifest["version"]
     chunks = pq.read_table(out / files.CHUNKS_FILE)
     tokens = pq.read_table(out / files.TOKENS_FILE)
     fde = pq.read_table(out / files.FDE_FILE)
@@ -77,8 +79,8 @@ def test_rerun_reuses_cached_shards_and_does_no_model_work(scifact_index, scifac
 
 def test_open_reports_missing_and_truncated_files(scifact_index, tmp_path):
     out, _ = scifact_index
-    broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
+    shutil.copytree(out, tmp_path / "copy")
+    broken = resolve_index_dir(tmp_path / "copy")
     original = (broken / files.FDE_FILE).read_bytes()
     (broken / files.FDE_FILE).write_bytes(original[:100])
     with pytest.raises(IndexFormatError, match=r"fde\.parquet: 100 bytes, the manifest says"):
@@ -89,7 +91,10 @@ def test_open_reports_missing_and_truncated_files(scifact_index, tmp_path):
         read_manifest(broken)
     (broken / "manifest.json").unlink()
     with pytest.raises(IndexFormatError, match="manifest.json: missing"):
-        LateIndex.open(broken)
+        LateIndex.open(tmp_path / "copy")
+    shutil.rmtree(broken)
+    with pytest.raises(IndexFormatError, match="the current version named by .* is missing"):
+        LateIndex.open(tmp_path / "copy")
 
 
 def test_incompatible_format_version(scifact_index, tmp_path):
@@ -115,14 +120,14 @@ def test_bad_inputs_through_the_flow(tmp_path, prefect_harness):
     )
     manifest = index_flow(str(corpus), str(tmp_path / "idx"), SMALL)
     assert manifest["counts"]["docs"] == 3 and manifest["counts"]["rejected"] == 1
-    rejected = pq.read_table(tmp_path / "idx" / files.REJECTED_FILE).to_pylist()
+    rejected = pq.read_table(resolve_index_dir(tmp_path / "idx") / files.REJECTED_FILE).to_pylist()
     assert rejected[0]["doc_id"] == "empty" and rejected[0]["line"] == 2
     index = LateIndex.open(tmp_path / "idx")
     assert index.search("Rottnest quokka", k=1)[0].doc_id == "ok"
     assert len(index.search("?!", k=3)) == 3  # a query of only punctuation still gets answers
     with pytest.raises(ValueError, match="empty"):
         index.search("   ")
-    long_chunks = pq.read_table(tmp_path / "idx" / files.CHUNKS_FILE).to_pandas().query("doc_id == 'long'")
+    long_chunks = pq.read_table(index.path / files.CHUNKS_FILE).to_pandas().query("doc_id == 'long'")
     assert len(long_chunks) >= 100
 
 

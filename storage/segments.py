@@ -1,0 +1,291 @@
+"""Segments: the reusable unit of the index flow's shard cache, and incremental assembly from them.
+
+A *segment* is a set of documents that went through chunk -> encode -> FDE together. Its files live in
+the cache folder (``INDEX/.cache`` unless ``--cache`` names another place), named by content:
+
+* ``docs-<D>.parquet``   the segment's documents, ``D = stable_key(doc ids, content hashes)``;
+* ``chunks-<C>.parquet`` ``C`` hashes ``D``, the chunk settings, the model fingerprint, the pipeline version;
+* ``tokens-<T>.parquet`` ``T`` hashes ``C`` and the encoder settings;
+* ``fde-<F>.parquet``    ``F`` hashes ``T`` and the FDE settings.
+
+The ``docs-*`` files are the catalog: they say which ``(doc_id, content_hash)`` a segment holds. A new
+run takes each corpus document from a segment that holds exactly that id and content (new or
+changed documents are in none), cuts only the remaining documents into new segments of
+``shard_size``, runs the missing stages, and assembles the index by taking each document's rows from
+its segment in corpus order. Deleted documents are simply not taken. Inserting one document
+therefore encodes one small segment, not every shard after it, and the assembled index is the one a
+full rebuild would produce (the same documents, chunks and order; vectors equal up to the float
+noise of different encoder batches).
+
+After a build, segments that hold no live document are deleted, and a segment whose live documents
+are fewer than half of its documents is *compacted* (rewritten with its live rows only), so the cache
+stays within about twice the size of the live index however the corpus churns.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import fs
+from storage.atomic import atomic_path
+from storage.hashing import stable_key
+
+DOC_PREFIX, CHUNK_PREFIX, TOKEN_PREFIX, FDE_PREFIX = "docs-", "chunks-", "tokens-", "fde-"
+STAGES = ("chunks", "tokens", "fde")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Everything besides the documents that determines a segment's stage files."""
+
+    pipeline_version: int
+    chunk: dict[str, Any]
+    model_fingerprint: str
+    encoder: dict[str, Any]
+    fde: dict[str, Any]
+
+    def key(self) -> str:
+        """One hash of all settings (part of the index's build key)."""
+        return stable_key(self.pipeline_version, self.chunk, self.model_fingerprint, self.encoder, self.fde)
+
+
+def docs_key(doc_ids: list[str], content_hashes: list[str]) -> str:
+    """Key of a segment's documents (order matters: it is the segment's row order).
+
+    Examples
+    --------
+    >>> docs_key(["a", "b"], ["h1", "h2"]) == docs_key(["a", "b"], ["h1", "h2"]) != docs_key(["b", "a"], ["h2", "h1"])
+    True
+    """
+    return stable_key(doc_ids, content_hashes)
+
+
+@dataclass
+class Segment:
+    """One segment: its documents and the paths (or URLs) of its stage files for given settings."""
+
+    key: str
+    doc_ids: list[str]
+    content_hashes: list[str]
+    docs: str
+    chunks: str
+    tokens: str
+    fde: str
+    new: bool = False
+    # filled by the flow: was each stage file already there when the run planned its work?
+    present: dict[str, bool] = field(default_factory=dict)
+
+    def paths(self) -> dict[str, str]:
+        return {"docs": self.docs, "chunks": self.chunks, "tokens": self.tokens, "fde": self.fde}
+
+    def complete(self) -> bool:
+        return all(self.present.get(stage, False) for stage in STAGES)
+
+
+def make_segment(cache: str, doc_ids: list[str], content_hashes: list[str], settings: SegmentSettings, *, new: bool = False) -> Segment:
+    """The segment of these documents with its stage file paths under ``settings`` (nothing is written)."""
+    key = docs_key(doc_ids, content_hashes)
+    chunk_key = stable_key(settings.pipeline_version, key, settings.chunk, settings.model_fingerprint)
+    token_key = stable_key(chunk_key, settings.encoder)
+    fde_key = stable_key(token_key, settings.fde)
+    return Segment(
+        key=key,
+        doc_ids=doc_ids,
+        content_hashes=content_hashes,
+        docs=fs.join(cache, f"{DOC_PREFIX}{key}.parquet"),
+        chunks=fs.join(cache, f"{CHUNK_PREFIX}{chunk_key}.parquet"),
+        tokens=fs.join(cache, f"{TOKEN_PREFIX}{token_key}.parquet"),
+        fde=fs.join(cache, f"{FDE_PREFIX}{fde_key}.parquet"),
+        new=new,
+    )
+
+
+def read_catalog(cache: str, settings: SegmentSettings) -> list[Segment]:
+    """Every segment in the cache (from its ``docs-*`` file), with which stage files exist."""
+    segments = []
+    for path in fs.list_files(cache, DOC_PREFIX, ".parquet"):
+        try:
+            table = fs.read_parquet(path, columns=["doc_id", "content_hash"])
+        except (pa.ArrowInvalid, OSError):
+            continue  # not ours or damaged: never reused, removed by the next prune
+        segment = make_segment(cache, table.column("doc_id").to_pylist(), table.column("content_hash").to_pylist(), settings)
+        if segment.docs != path:
+            continue  # a file whose name does not match its content is never trusted
+        segment.present = {stage: fs.exists(getattr(segment, stage)) for stage in STAGES}
+        segments.append(segment)
+    return segments
+
+
+@dataclass
+class Plan:
+    """Which segment every corpus document comes from.
+
+    ``segments`` are the segments the index uses (reused ones first, then new ones);
+    ``assignment[i]`` is the index in ``segments`` of corpus document ``i``.
+    """
+
+    segments: list[Segment]
+    assignment: np.ndarray
+    new_docs: pa.Table  # documents that no segment held (cut into the new segments)
+
+    @property
+    def reused_docs(self) -> int:
+        return int(len(self.assignment) - self.new_docs.num_rows)
+
+
+def plan_segments(docs: pa.Table, catalog: list[Segment], cache: str, settings: SegmentSettings, shard_size: int) -> Plan:
+    """Assign each document to a segment that holds it, and cut the others into new segments.
+
+    Among segments holding a document, the one with the most finished stages wins (then the key,
+    for determinism). New documents are cut into segments of ``shard_size`` in corpus order, so a
+    resumed run cuts the same segments as the run it resumes.
+
+    Examples
+    --------
+    >>> import pyarrow as pa
+    >>> s = SegmentSettings(1, {}, "m", {}, {})
+    >>> old = make_segment("/c", ["a", "b"], ["1", "2"], s)
+    >>> old.present = {"chunks": True, "tokens": True, "fde": True}
+    >>> docs = pa.table({"doc_id": ["a", "x", "b", "y", "z"], "content_hash": ["1", "9", "3", "8", "7"]})
+    >>> plan = plan_segments(docs, [old], "/c", s, shard_size=2)
+    >>> [seg.doc_ids for seg in plan.segments], plan.assignment.tolist()
+    ([['a', 'b'], ['x', 'b'], ['y', 'z']], [0, 1, 1, 2, 2])
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    ranked = sorted(catalog, key=lambda seg: (-sum(seg.present.get(st, False) for st in STAGES), seg.key))
+    holder: dict[tuple[str, str], int] = {}
+    for index, segment in enumerate(ranked):
+        for pair in zip(segment.doc_ids, segment.content_hashes):
+            holder.setdefault(pair, index)
+    ids = docs.column("doc_id").to_pylist()
+    hashes = docs.column("content_hash").to_pylist()
+    chosen = [holder.get(pair) for pair in zip(ids, hashes)]
+    used = sorted({c for c in chosen if c is not None})
+    segments = [ranked[c] for c in used]
+    position = {c: i for i, c in enumerate(used)}
+    assignment = np.full(len(ids), -1, dtype=np.int64)
+    new_rows = []
+    for row, c in enumerate(chosen):
+        if c is None:
+            new_rows.append(row)
+        else:
+            assignment[row] = position[c]
+    new_docs = docs.take(pa.array(new_rows, type=pa.int64()))
+    for start in range(0, len(new_rows), shard_size):
+        rows = new_rows[start : start + shard_size]
+        segment = make_segment(cache, [ids[r] for r in rows], [hashes[r] for r in rows], settings, new=True)
+        assignment[rows] = len(segments)
+        segments.append(segment)
+    return Plan(segments=segments, assignment=assignment, new_docs=new_docs)
+
+
+def doc_row_ranges(chunk_doc_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Rows ``[start, end)`` of each document in a segment's chunk table (a document's chunks are contiguous).
+
+    Examples
+    --------
+    >>> doc_row_ranges(["a", "a", "b", "c", "c"])
+    {'a': (0, 2), 'b': (2, 3), 'c': (3, 5)}
+    """
+    ranges: dict[str, tuple[int, int]] = {}
+    start = 0
+    for row in range(1, len(chunk_doc_ids) + 1):
+        if row == len(chunk_doc_ids) or chunk_doc_ids[row] != chunk_doc_ids[start]:
+            ranges[chunk_doc_ids[start]] = (start, row)
+            start = row
+    return ranges
+
+
+def _runs(assignment: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """``(segment, first doc row, end doc row)`` for each run of consecutive documents from one segment."""
+    start = 0
+    for row in range(1, len(assignment) + 1):
+        if row == len(assignment) or assignment[row] != assignment[start]:
+            yield int(assignment[start]), start, row
+            start = row
+
+
+def row_selection(plan: Plan, doc_ids: list[str]) -> Iterator[tuple[Segment, np.ndarray]]:
+    """For each run of documents, the segment and the chunk rows to take from it, in corpus order."""
+    ranges: dict[int, dict[str, tuple[int, int]]] = {}
+    for seg_index, first, end in _runs(plan.assignment):
+        segment = plan.segments[seg_index]
+        if seg_index not in ranges:
+            chunk_ids = fs.read_parquet(segment.chunks, columns=["doc_id"]).column("doc_id").to_pylist()
+            ranges[seg_index] = doc_row_ranges(chunk_ids)
+        spans = [ranges[seg_index].get(doc) for doc in doc_ids[first:end]]
+        rows = [np.arange(s, e, dtype=np.int64) for s, e in (span for span in spans if span is not None)]
+        if rows:
+            yield segment, np.concatenate(rows)
+
+
+def gather(plan: Plan, doc_ids: list[str], stage: str, out: Path, *, compression: str) -> int:
+    """Write the rows of ``stage`` (``chunks``, ``tokens`` or ``fde``) for the planned documents to ``out``.
+
+    Rows come in corpus order and ``chunk_id`` is renumbered 0..n-1. Only the last segment read is
+    kept in memory (a token file can be hundreds of MB); a corpus whose order interleaves segments
+    re-reads them, which costs time, never correctness. Returns the number of rows written.
+    """
+    next_id, writer, cached = 0, None, (None, None)
+    with atomic_path(out) as tmp:
+        try:
+            for segment, rows in row_selection(plan, doc_ids):
+                path = getattr(segment, stage)
+                if cached[0] != path:
+                    cached = (path, fs.read_parquet(path))
+                table = cached[1].take(pa.array(rows))
+                ids = pa.array(np.arange(next_id, next_id + table.num_rows, dtype=np.int64))
+                table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), ids)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
+                writer.write_table(table)
+                next_id += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+    return next_id
+
+
+def compact(segment: Segment, live: set[str], cache: str, settings: SegmentSettings, write: Callable[[pa.Table, str], Any] | None = None) -> Segment:
+    """Rewrite ``segment`` with only its ``live`` documents (every stage file); return the new segment.
+
+    The new files are content-addressed like any segment, so a crash half-way leaves either the old
+    segment or both (the next build uses one and prunes the other).
+    """
+    write = write or (lambda table, path: fs.write_parquet(table, path))
+    keep = [i for i, doc in enumerate(segment.doc_ids) if doc in live]
+    ids = [segment.doc_ids[i] for i in keep]
+    hashes = [segment.content_hashes[i] for i in keep]
+    out = make_segment(cache, ids, hashes, settings)
+    chunk_docs = fs.read_parquet(segment.chunks, columns=["doc_id"]).column("doc_id").to_pylist()
+    ranges = doc_row_ranges(chunk_docs)
+    spans = [ranges[d] for d in ids if d in ranges]
+    rows = pa.array(np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in spans]) if spans else np.zeros(0, np.int64))
+    for stage in STAGES:
+        table = fs.read_parquet(getattr(segment, stage)).take(rows)
+        renumbered = pa.array(np.arange(table.num_rows, dtype=np.int64))
+        table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), renumbered)
+        write(table, getattr(out, stage))
+    docs = fs.read_parquet(segment.docs)
+    write(docs.take(pa.array(keep, type=pa.int64())), out.docs)  # docs last: it makes the segment visible
+    out.present = {stage: True for stage in STAGES}
+    return out
+
+
+def prune_cache(cache: str, keep: set[str]) -> int:
+    """Delete cache files (and leftover temporaries) not in ``keep``; return how many went."""
+    removed = 0
+    for path in fs.list_files(cache):
+        name = path.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+        is_ours = name.endswith(".parquet") and name.startswith((DOC_PREFIX, CHUNK_PREFIX, TOKEN_PREFIX, FDE_PREFIX))
+        if (is_ours or name.endswith(".tmp")) and path not in keep:
+            fs.delete(path)
+            removed += 1
+    return removed

@@ -1,0 +1,233 @@
+"""Incremental builds, index versions, the run lock and filesystem URLs, on LIMIT-small documents.
+
+Every build here is the real index flow with the real model; "equal to a full rebuild" is checked by
+building the changed corpus from scratch in another folder and comparing artifacts and searches.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.index import FDEParams, IndexConfig, index_flow
+from lateflow.engine import LateIndex
+from storage import index_files as files
+from storage.lock import IndexLock, IndexLockedError
+from storage.manifest import IndexFormatError, read_manifest, resolve_index_dir
+from tasks.chunk import ChunkConfig
+from tests.conftest import write_jsonl
+
+QUERIES = ["Who likes Quokkas?", "Who likes Joshua Trees?", "Who likes Slide Rules and Bassoons?", "Who likes apples?"]
+
+
+# small, fast settings: 64-token windows cut a LIMIT-small document into ~3 chunks, 1,024-dim FDEs
+SMALL = IndexConfig(chunk=ChunkConfig(window=64, overlap=16), fde=FDEParams(repetitions=8, simhash_bits=3, projection_dim=16), shard_size=5)
+# the same settings as `lateflow index` options
+SMALL_ARGS = ["--window", "64", "--overlap", "16", "--fde-reps", "8", "--fde-bits", "3", "--fde-proj", "16"]
+
+
+def config(shard_size: int = 5) -> IndexConfig:
+    from dataclasses import replace
+
+    return replace(SMALL, shard_size=shard_size)
+
+
+@pytest.fixture(scope="module")
+def limit_docs(limit_small) -> list[dict]:
+    return [json.loads(line) for line in (limit_small / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def changed_corpus(docs: list[dict]) -> list[dict]:
+    """From documents 0..14: delete 1..3, change 7, insert 40 after 8, move 12 to the front."""
+    kept = [d for i, d in enumerate(docs[:15]) if not 1 <= i <= 3 and i != 12]
+    out = [docs[12]]
+    for d in kept:
+        if d["_id"] == docs[7]["_id"]:
+            d = {**d, "text": d["text"] + " They also like Kayaking."}
+        out.append(d)
+        if d["_id"] == docs[8]["_id"]:
+            out.append(docs[40])
+    return out
+
+
+def cache_segments(index_dir: Path) -> list[int]:
+    """Sizes (documents) of the segments in the index's cache."""
+    return sorted(pq.ParquetFile(p).metadata.num_rows for p in (index_dir / files.CACHE_DIR).glob("docs-*.parquet"))
+
+
+def assert_same_index(a: Path, b: Path) -> None:
+    """Same documents, chunks and order; token vectors and FDEs equal; searches return the same ids and scores."""
+    x, y = LateIndex.open(a), LateIndex.open(b)
+    assert x.doc_ids == y.doc_ids
+    for name in (files.DOCS_FILE, files.CHUNKS_FILE):
+        assert pq.read_table(x.path / name).equals(pq.read_table(y.path / name)), name
+    np.testing.assert_array_equal(x.tokens.offsets, y.tokens.offsets)
+    np.testing.assert_array_equal(x.tokens.token_ids, y.tokens.token_ids)
+    # different encoder batches may round a float16 differently; nothing more
+    np.testing.assert_allclose(x.tokens.vectors.astype(np.float32), y.tokens.vectors.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(files.read_fde(x.path / files.FDE_FILE), files.read_fde(y.path / files.FDE_FILE), atol=2e-2)
+    for query in QUERIES:
+        hx, hy = x.search(query, k=10), y.search(query, k=10)
+        assert [h.doc_id for h in hx] == [h.doc_id for h in hy], query
+        np.testing.assert_allclose([h.score for h in hx], [h.score for h in hy], atol=1e-3)
+        assert [h.text for h in hx] == [h.text for h in hy]
+
+
+def test_incremental_build_encodes_only_changes_and_equals_a_full_rebuild(tmp_path, limit_docs, prefect_harness):
+    first = write_jsonl(tmp_path / "v1.jsonl", limit_docs[:15])
+    second = write_jsonl(tmp_path / "v2.jsonl", changed_corpus(limit_docs))
+    index = tmp_path / "index"
+    m1 = index_flow(str(first), str(index), config())
+    assert m1["incremental"]["segments_encoded"] == 3 and cache_segments(index) == [5, 5, 5]
+    v1 = resolve_index_dir(index)
+    tokens_before = {p.name: p.stat().st_mtime_ns for p in (index / files.CACHE_DIR).glob("tokens-*.parquet")}
+
+    m2 = index_flow(str(second), str(index), config())
+    inc = m2["incremental"]
+    assert (inc["docs_new"], inc["docs_changed"], inc["docs_removed"], inc["docs_unchanged"]) == (1, 1, 3, 11)
+    # the one new and the one changed document form the only segment that went through the encoder
+    assert inc["docs_encoded"] == 2 and inc["segments_encoded"] == 1 and inc["segments_reused"] == 3
+    for name, mtime in tokens_before.items():
+        path = index / files.CACHE_DIR / name
+        assert not path.exists() or path.stat().st_mtime_ns == mtime  # reused files are never rewritten
+    # the first segment kept 2 of 5 documents: compacted; the new segment holds 2
+    assert cache_segments(index) == [2, 2, 5, 5]
+    assert m2["counts"]["docs"] == 15 - 3 + 1
+
+    index_flow(str(second), str(tmp_path / "full"), config())
+    assert_same_index(index, tmp_path / "full")
+
+    # the previous version is still there and readable; the current one is the new version
+    assert resolve_index_dir(index).name == m2["version"] != v1.name
+    old = LateIndex.open(v1)
+    assert len(old) == 15 and old.doc_ids[:2] == [limit_docs[0]["_id"], limit_docs[1]["_id"]]
+
+    # unchanged corpus: nothing is rebuilt, the same version is returned
+    again = index_flow(str(second), str(index), config())
+    assert again["version"] == m2["version"] and again["index_id"] == m2["index_id"]
+
+
+def test_versions_switch_atomically_and_old_ones_are_pruned(tmp_path, limit_docs, prefect_harness):
+    index = tmp_path / "index"
+    corpora = [write_jsonl(tmp_path / f"c{n}.jsonl", limit_docs[: 10 + 2 * n]) for n in range(3)]
+    index_flow(str(corpora[0]), str(index), config())
+    versions = [read_manifest(index)["version"]]
+
+    # a reader polling the index while new versions are built always sees a complete one
+    seen, errors, stop = set(), [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                manifest = read_manifest(index)
+                folder = resolve_index_dir(index)
+                assert all((folder / name).is_file() for name in manifest["files"])
+                seen.add(manifest["version"])
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(exc))
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for corpus in corpora[1:]:
+            versions.append(index_flow(str(corpus), str(index), config())["version"])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:3]
+    assert versions[-1] in seen and len(set(versions)) == 3
+
+    top = json.loads((index / "manifest.json").read_text())
+    assert top["current"] == f"versions/{versions[2]}" and top["previous_versions"] == [versions[1]]
+    assert all((index / name).is_file() for name in top["files"])  # pointer names files relative to INDEX
+    assert sorted(p.name for p in (index / "versions").iterdir()) == sorted(versions[1:])  # keep 2
+
+    # a build killed during assembly leaves a version folder without a manifest: never current,
+    # removed by the next build
+    leftover = index / "versions" / "20000101T000000Z-deadbeef"
+    shutil.copytree(index / "versions" / versions[2], leftover)
+    (leftover / "manifest.json").unlink()
+    assert resolve_index_dir(index).name == versions[2]
+    # going back to an earlier corpus: its version was pruned, so it is rebuilt from cached segments
+    back = index_flow(str(corpora[0]), str(index), config())
+    assert back["incremental"]["segments_encoded"] == 0
+    assert not leftover.exists()
+    assert sorted(p.name for p in (index / "versions").iterdir()) == sorted([versions[2], back["version"]])
+
+
+def test_a_version_written_but_not_switched_to_is_adopted_without_work(tmp_path, limit_docs, prefect_harness):
+    # the state a run killed between writing its manifest and switching leaves behind
+    corpus_a = write_jsonl(tmp_path / "a.jsonl", limit_docs[:6])
+    corpus_b = write_jsonl(tmp_path / "b.jsonl", limit_docs[:8])
+    index, other = tmp_path / "index", tmp_path / "other"
+    index_flow(str(corpus_a), str(index), config())
+    built = index_flow(str(corpus_b), str(other), config())
+    shutil.copytree(resolve_index_dir(other), index / "versions" / built["version"])
+    adopted = index_flow(str(corpus_b), str(index), config())
+    assert adopted["version"] == built["version"] and adopted["index_id"] == built["index_id"]
+    assert resolve_index_dir(index).name == built["version"]
+
+
+def test_an_index_written_before_versions_still_opens_and_migrates(tmp_path, limit_docs, prefect_harness):
+    corpus = write_jsonl(tmp_path / "c.jsonl", limit_docs[:6])
+    index_flow(str(corpus), str(tmp_path / "new"), config())
+    legacy = tmp_path / "legacy"
+    shutil.copytree(resolve_index_dir(tmp_path / "new"), legacy)  # artifacts + format 1 manifest at top level
+    assert resolve_index_dir(legacy) == legacy
+    assert LateIndex.open(legacy).search(QUERIES[0], k=1)
+
+    grown = write_jsonl(tmp_path / "c2.jsonl", limit_docs[:7])
+    index_flow(str(grown), str(legacy), config())
+    assert resolve_index_dir(legacy).parent == legacy / "versions"
+    assert (legacy / files.TOKENS_FILE).exists()  # the old layout's files stay readable for one more build
+    index_flow(str(corpus), str(legacy), config())
+    assert not (legacy / files.TOKENS_FILE).exists()
+    assert len(LateIndex.open(legacy)) == 6
+
+
+def test_a_second_run_on_a_locked_index_fails_at_once(tmp_path, limit_docs, prefect_harness):
+    import os
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", limit_docs[:5])
+    with IndexLock(tmp_path / "index"):
+        started = time.perf_counter()
+        with pytest.raises(IndexLockedError, match=rf"index folder .*index is locked by pid {os.getpid()} since .* \(another lateflow index run\)"):
+            index_flow(str(corpus), str(tmp_path / "index"), config())
+        assert time.perf_counter() - started < 5
+    index_flow(str(corpus), str(tmp_path / "index"), config())  # released: the run goes through
+
+
+def test_file_urls_and_an_fsspec_cache_and_corpus(tmp_path, limit_docs, prefect_harness):
+    corpus = write_jsonl(tmp_path / "c.jsonl", limit_docs[:8])
+    # file:// URLs for the corpus and the index folder
+    index_flow(f"file://{corpus}", f"file://{tmp_path / 'url'}", config(shard_size=4))
+    assert LateIndex.open(tmp_path / "url").path.parent == tmp_path / "url" / "versions"
+    # a corpus and a shard cache on a non-POSIX filesystem (fsspec's in-memory one): no renames, no local paths
+    memory = fsspec.filesystem("memory")
+    root = f"lateflow-test-{tmp_path.name}"
+    memory.pipe(f"/{root}/corpus.jsonl", corpus.read_bytes())
+    try:
+        manifest = index_flow(f"memory://{root}", str(tmp_path / "remote"), config(shard_size=4), cache=f"memory://{root}/cache")
+        assert manifest["corpus"]["path"] == f"memory://{root}"
+        assert len(memory.glob(f"/{root}/cache/tokens-*.parquet")) == 2
+        assert not (tmp_path / "remote" / files.CACHE_DIR).exists()
+        assert_same_index(tmp_path / "url", tmp_path / "remote")
+        again = index_flow(f"memory://{root}", str(tmp_path / "remote"), config(shard_size=4), cache=f"memory://{root}/cache")
+        assert again["index_id"] == manifest["index_id"]
+    finally:
+        memory.rm(f"/{root}", recursive=True)
+    with pytest.raises(ValueError, match="must be a local path or file:// URL"):
+        index_flow(str(corpus), "memory://somewhere/index", config())
+
+
+def test_reading_a_missing_index_names_the_problem(tmp_path):
+    with pytest.raises(IndexFormatError, match="no such index folder"):
+        read_manifest(tmp_path / "nothing")
