@@ -57,7 +57,7 @@ from tasks.fde import fde_task
 from tasks.idf import document_frequencies
 
 # bump when a stage's output format or semantics change, so old cache shards are not reused
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -55,15 +55,31 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
         raise IndexFormatError(f"{path}: chunk_id must run 0..n-1 in row order")
     ids_col = table.column("token_ids").combine_chunks()
     emb_col = table.column("embeddings").combine_chunks()
-    offsets = emb_col.offsets.to_numpy().astype(np.int64)
-    if not np.array_equal(offsets, ids_col.offsets.to_numpy()):
-        raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
-    dim = emb_col.type.value_type.list_size
-    flat = emb_col.values.flatten().to_numpy(zero_copy_only=False)
-    # a sliced list array may start its values past 0: honour the first offset
-    vectors = flat.reshape(-1, dim)[offsets[0] : offsets[-1]]
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    if pa.types.is_large_binary(emb_col.type) or pa.types.is_binary(emb_col.type):
+        vectors = _binary_matrices(path, table.schema.field("embeddings"), emb_col, offsets)
+    else:  # format version 1: list<fixed_size_list<float16, dim>>
+        if not np.array_equal(emb_col.offsets.to_numpy().astype(np.int64), offsets):
+            raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
+        dim = emb_col.type.value_type.list_size
+        # a sliced list array may start its values past 0: honour the first offset
+        vectors = emb_col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[offsets[0] : offsets[-1]]
     token_ids = ids_col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return TokenStore(vectors=np.ascontiguousarray(vectors), token_ids=np.ascontiguousarray(token_ids), offsets=offsets - offsets[0])
+
+
+def _binary_matrices(path: str | os.PathLike, field: pa.Field, column: pa.Array, token_offsets: np.ndarray) -> np.ndarray:
+    """The flat (tokens, dim) float16 matrix behind a binary ``embeddings`` column, without a copy."""
+    meta = {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
+    if meta.get("dtype") != "<f2" or not meta.get("dim", "").isdigit():
+        raise IndexFormatError(f"{path}: embeddings column lacks its dtype/dim metadata")
+    dim = int(meta["dim"])
+    offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    byte_offsets = np.frombuffer(column.buffers()[1], dtype=offset_type)[column.offset : column.offset + len(column) + 1].astype(np.int64)
+    if not np.array_equal(byte_offsets - byte_offsets[0], (token_offsets - token_offsets[0]) * 2 * dim):
+        raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[byte_offsets[0] : byte_offsets[-1]]
+    return data.view("<f2").reshape(-1, dim)
 
 
 def read_pooled(path: str | os.PathLike) -> np.ndarray:

@@ -26,7 +26,8 @@ from storage.atomic import write_json
 from storage.hashing import sha256_file, sha256_text
 
 FORMAT = "lateflow-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # 3: token embeddings as float16 bytes per chunk (1: nested float16 lists, still read)
+READABLE_FORMAT_VERSIONS = (1, FORMAT_VERSION)
 POINTER_FORMAT_VERSION = 2  # INDEX/manifest.json naming the current version folder
 MANIFEST = "manifest.json"
 VERSIONS_DIR = "versions"
@@ -75,7 +76,7 @@ def _load(path: Path, index_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{path}: not a lateflow index manifest")
     version = manifest.get("format_version")
-    if version not in (FORMAT_VERSION, POINTER_FORMAT_VERSION):
+    if version not in (*READABLE_FORMAT_VERSIONS, POINTER_FORMAT_VERSION):
         raise IndexFormatError(
             f"{path}: index format version {version} is not supported by this lateflow (expects {FORMAT_VERSION}); rebuild the index"
         )

@@ -328,13 +328,16 @@ def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Seque
     np.cumsum(lengths, out=offsets[1:])
     flat_ids = np.concatenate(token_ids) if len(token_ids) else np.zeros(0, np.int32)
     flat_vecs = np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float16)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat_vecs.reshape(-1).astype(np.float16)), dim)
+    byte_offsets = offsets.astype(np.int64) * (2 * dim)
+    embeddings = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(lengths), [None, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(flat_vecs, dtype="<f2").tobytes())]
+    )
     schema = tokens_schema(dim)
     return pa.Table.from_arrays(
         [
             pa.array(chunk_ids, type=pa.int64()) if not isinstance(chunk_ids, pa.ChunkedArray) else chunk_ids,
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids.astype(np.int32))),
-            pa.ListArray.from_arrays(pa.array(offsets), inner),
+            embeddings,
             pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(pooled, np.float16).reshape(-1)), dim),
         ],
         schema=schema,
