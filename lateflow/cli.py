@@ -1,4 +1,4 @@
-"""The ``lateflow`` command line: ``index``, ``search``, ``demo`` (more subcommands join as they land)."""
+"""The ``lateflow`` command line: ``index``, ``search``, ``evaluate``, ``serve``, ``deploy`` and ``demo``."""
 from __future__ import annotations
 
 import argparse

@@ -124,8 +124,8 @@ def read_manifest(index_dir: str | os.PathLike, *, verify_hashes: bool = False) 
     folder = resolve_index_dir(index_dir)
     path = folder / MANIFEST
     manifest = _load(path, folder)
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: a version folder must hold a format {FORMAT_VERSION} manifest")
+    if manifest["format_version"] not in READABLE_FORMAT_VERSIONS:
+        raise IndexFormatError(f"{path}: an index folder must hold a format {' or '.join(map(str, READABLE_FORMAT_VERSIONS))} manifest")
     for name, facts in manifest.get("files", {}).items():
         file = folder / name
         if not file.is_file():

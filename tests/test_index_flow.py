@@ -140,3 +140,43 @@ def test_malformed_corpus_fails_before_writing_anything(tmp_path, prefect_harnes
     with pytest.raises(ValueError, match=r"corpus\.jsonl:2: malformed JSON"):
         index_flow(str(corpus), str(tmp_path / "idx"), SMALL)
     assert not (tmp_path / "idx" / "manifest.json").exists()
+
+
+def test_reads_the_format_1_token_store(tmp_path):
+    """Indexes written before format 3 kept embeddings as nested float16 lists: they still load."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    matrices = [rng.normal(size=(n, 4)).astype(np.float16) for n in (3, 1, 2)]
+    offsets = pa.array(np.r_[0, np.cumsum([len(m) for m in matrices])].astype(np.int32))
+    flat = np.concatenate(matrices)
+    table = pa.table(
+        {
+            "chunk_id": pa.array([0, 1, 2], pa.int64()),
+            "token_ids": pa.ListArray.from_arrays(offsets, pa.array(np.arange(6, dtype=np.int32))),
+            "embeddings": pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), 4)),
+        }
+    )
+    pq.write_table(table, tmp_path / "tokens.parquet")
+    store = files.read_token_store(tmp_path / "tokens.parquet")
+    assert np.array_equal(store.vectors, flat) and store.offsets.tolist() == [0, 3, 4, 6]
+    assert store.token_ids.tolist() == list(range(6))
+
+
+def test_prf_rerank_shortcut_equals_rescoring_with_the_expanded_query(scifact_index, scifact_sample):
+    """rank() adds the expansion tokens' MaxSim to the first-pass scores instead of re-scoring."""
+    from tasks.prf import PRFConfig
+
+    index = LateIndex.open(scifact_index[0])
+    config = PRFConfig(fb_docs=3, k=12, fb_embs=6, beta=1.0)
+    for line in scifact_sample.read_text().splitlines()[:5]:
+        query = index.encode(json.loads(line)["title"])
+        fast = index.rank(query, 10, candidates=40, prf=config)
+        docs = index.candidate_documents(query, 40, min_docs=10)
+        first, _ = index.score_documents(query, docs)
+        expanded = index.expand(query, docs[np.argsort(-first, kind="stable")[: config.fb_docs]], config)
+        assert len(expanded.vectors) > len(query.vectors)
+        scores, _ = index.score_documents(expanded, docs)
+        order = np.argsort(-scores, kind="stable")[:10]
+        assert [d for d, _, _ in fast] == [int(docs[i]) for i in order]
+        assert np.allclose([s for _, s, _ in fast], scores[order], atol=1e-4)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.benchmarks import print_and_save
 from flows.settings import apply_quiet_defaults
 
 apply_quiet_defaults()
@@ -94,14 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and raw numbers (.json)")
     args = parser.parse_args(argv)
     report = sweep(args.dataset, args.index, args.split, args.candidates, args.max_queries)
-    text = render(report)
-    print(text)
-    if args.out:
-        from storage.atomic import write_json
-
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-        write_json(report, args.out.with_suffix(".json"))
+    print_and_save(render(report), report, args.out)
     return 0
 
 
