@@ -180,3 +180,15 @@ def test_prf_rerank_shortcut_equals_rescoring_with_the_expanded_query(scifact_in
         order = np.argsort(-scores, kind="stable")[:10]
         assert [d for d, _, _ in fast] == [int(docs[i]) for i in order]
         assert np.allclose([s for _, s, _ in fast], scores[order], atol=1e-4)
+
+
+def test_prf_with_fewer_candidate_documents_than_fb_docs(scifact_index):
+    from tasks.prf import PRFConfig
+
+    index = LateIndex.open(scifact_index[0])
+    query = index.encode("vitamin D deficiency and bone density")
+    docs = index.candidate_documents(query, 1, min_docs=2)
+    assert len(docs) < 10  # the first pass has fewer documents than fb_docs
+    for mode in ("rerank", "retrieve"):
+        ranked = index.rank(query, 2, candidates=1, prf=PRFConfig(fb_docs=10, k=12, fb_embs=4, mode=mode))
+        assert 1 <= len(ranked) <= 2 and all(np.isfinite(s) for _, s, _ in ranked)
