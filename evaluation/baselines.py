@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq

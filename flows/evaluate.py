@@ -6,9 +6,7 @@ Writes into ``OUT_DIR``: ``report.json`` (schema in DESIGN.md, plus extra fields
 from __future__ import annotations
 
 import shlex
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 

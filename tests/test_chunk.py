@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from storage.corpus import full_text
 from tasks.chunk import ChunkConfig, chunk_documents, window_starts

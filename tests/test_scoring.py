@@ -29,7 +29,6 @@ def test_empty_ranking_scores_zero():
 
 
 def test_significance_is_bonferroni_corrected():
-    rng = np.random.default_rng(0)
     qrels = to_qrels({f"q{i}": {"rel": 1} for i in range(60)})
     good = to_run({f"q{i}": {"rel": 2.0, "x": 1.0} for i in range(60)}, "ref")
     bad = to_run({f"q{i}": ({"x": 2.0, "rel": 1.0} if i % 2 else {"rel": 2.0, "x": 1.0}) for i in range(60)}, "bad")

@@ -15,14 +15,12 @@ on scifact (about 1.9 chunks per document) a count of 100 behaves like 400: swee
 """
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evaluation.benchmarks import print_and_save
+from evaluation.benchmarks import print_and_save, tuning_parser
 from flows.settings import apply_quiet_defaults
 
 apply_quiet_defaults()
@@ -86,13 +84,8 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", help="BEIR-layout dataset folder")
-    parser.add_argument("--index", required=True, help="index folder of the dataset's corpus")
-    parser.add_argument("--split", default="train", help="qrels split (default train: tune there, never on test)")
-    parser.add_argument("--candidates", type=int, nargs="+", default=[200, 400, 800])
-    parser.add_argument("--max-queries", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and raw numbers (.json)")
+    parser = tuning_parser(__doc__)
+    parser.add_argument("--candidates", type=int, nargs="+", default=[200, 400, 800], help="candidate counts to compare")
     args = parser.parse_args(argv)
     report = sweep(args.dataset, args.index, args.split, args.candidates, args.max_queries)
     print_and_save(render(report), report, args.out)

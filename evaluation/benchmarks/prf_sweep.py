@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evaluation.benchmarks import print_and_save
+from evaluation.benchmarks import print_and_save, tuning_parser
 from flows.settings import apply_quiet_defaults
 
 apply_quiet_defaults()
@@ -119,17 +117,14 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", help="BEIR-layout dataset folder")
-    parser.add_argument("--index", required=True, help="index folder of the dataset's corpus (lateflow index)")
-    parser.add_argument("--split", default="train", help="qrels split to tune on (default train)")
-    parser.add_argument("--candidates", type=int, default=200, help="ANN chunk candidates of the first pass (default 200)")
+    from lateflow.engine import DEFAULT_CANDIDATES
+
+    parser = tuning_parser(__doc__)
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates of the first pass (default {DEFAULT_CANDIDATES})")
     parser.add_argument("--fb-docs", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--k", type=int, nargs="+", default=[24])
     parser.add_argument("--fb-embs", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--beta", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
-    parser.add_argument("--max-queries", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and the raw numbers (.json) here")
     args = parser.parse_args(argv)
     report = sweep(args.dataset, args.index, args.split, args.candidates, list(_grid(args)), args.max_queries)
     print_and_save(render(report), report, args.out)
