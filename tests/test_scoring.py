@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from evaluation.scoring import score_run, significance, to_qrels, to_run
 
