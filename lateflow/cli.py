@@ -189,6 +189,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if (args.index is None) == (args.server is None):
         raise ValueError("give exactly one of --index (search in-process) or --server URL (ask a running service)")
     prf = prf_config_from_args(args) if args.prf else None
+    if (args.query is None) == (args.queries is None):
+        raise ValueError("give exactly one of a query text or --queries FILE (with --out FILE)")
+    if args.queries is not None:
+        return _search_batch(args, prf)
     filters = parse_filter(args.filter)
     if args.server:
         from service.client import search_remote
@@ -199,6 +203,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     index = LateIndex.open(args.index, device=args.device)
     print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf, filter=filters), args.json)
+    return 0
+
+
+def _search_batch(args: argparse.Namespace, prf) -> int:
+    """``lateflow search --queries FILE --out RUN.parquet``: the batch search flow."""
+    from flows.search import search_flow
+
+    if args.out is None or args.server is not None or args.filter:
+        raise ValueError("--queries needs --index and --out (no --server, no --filter)")
+    result = search_flow(str(args.index), str(args.queries), str(args.out), k=args.k, candidates=args.candidates, prf=prf)
+    print(f"searched {result['queries']} queries: {result['rows']} rows in {result['out']}")
+    if result["unreadable"]:
+        print(f"{len(result['unreadable'])} queries had no token the model can read (no rows): {', '.join(result['unreadable'][:10])}")
     return 0
 
 
@@ -298,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("search", help="query an index", description="Search an index in-process (--index) or through a running service (--server) and print the top documents.")
-    p.add_argument("query", help="query text")
+    p.add_argument("query", nargs="?", default=None, help="query text (or --queries FILE for a batch)")
+    p.add_argument("--queries", type=Path, default=None, help="batch: a queries.jsonl (_id, text) searched by the Prefect search flow; needs --out")
+    p.add_argument("--out", type=Path, default=None, help="batch: Parquet file for the ranked run (query_id, rank, doc_id, score, chunk offsets, text)")
     p.add_argument("--index", type=Path, default=None, help="index folder built by `lateflow index` (search in-process)")
     p.add_argument("--server", default=None, metavar="URL", help="URL of a running `lateflow serve` to ask instead, e.g. http://127.0.0.1:8000 (sends $LATEFLOW_API_TOKEN if set)")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE", help="keep documents whose metadata FIELD equals VALUE (JSON or text); repeat a field for any of")

@@ -347,4 +347,5 @@ def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Seque
 @task(name="encode", cache_policy=NO_CACHE)
 def encode_task(chunks_path: str, out_path: str, config: EncoderConfig, device: str | None = None) -> str:
     """Prefect task: encode one shard of chunks into ``out_path`` (skipped if already there)."""
-    return run_cached(out_path, lambda: encode_chunks(read_table(chunks_path), load_encoder(config, device), progress=True))
+    # float16 vectors barely compress: zstd cost ~1.3 s to write and as much to read back per 400k tokens
+    return run_cached(out_path, lambda: encode_chunks(read_table(chunks_path), load_encoder(config, device), progress=True), compression="none")

@@ -464,4 +464,4 @@ def fde_task(tokens_path: str, out_path: str, config: FDEConfig) -> str:
         store = read_token_store(tokens_path)
         return fde_table(encode_documents(store.vectors, store.offsets, config))
 
-    return run_cached(out_path, compute)
+    return run_cached(out_path, compute, compression="none")  # random-looking float32: zstd gains nothing

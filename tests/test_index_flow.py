@@ -192,3 +192,17 @@ def test_prf_with_fewer_candidate_documents_than_fb_docs(scifact_index):
     for mode in ("rerank", "retrieve"):
         ranked = index.rank(query, 2, candidates=1, prf=PRFConfig(fb_docs=10, k=12, fb_embs=4, mode=mode))
         assert 1 <= len(ranked) <= 2 and all(np.isfinite(s) for _, s, _ in ranked)
+
+
+def test_batch_search_flow_writes_the_same_ranking_as_the_api(scifact_index, scifact_sample, tmp_path):
+    from flows.search import search_flow
+
+    lines = [json.loads(line) for line in scifact_sample.read_text().splitlines()[:4]]
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"_id": f"q{i}", "text": d["title"]} for i, d in enumerate(lines)] + [{"_id": "blank", "text": "   "}])
+    result = search_flow(str(scifact_index[0]), str(queries), str(tmp_path / "run.parquet"), k=3)
+    assert result["queries"] == 5 and result["unreadable"] == ["blank"] and result["rows"] == 12
+    run = pq.read_table(tmp_path / "run.parquet").to_pylist()
+    index = LateIndex.open(scifact_index[0])
+    for i, d in enumerate(lines):
+        expected = [h.doc_id for h in index.search(d["title"], k=3)]
+        assert [r["doc_id"] for r in run if r["query_id"] == f"q{i}"] == expected
