@@ -398,20 +398,38 @@ class LateIndex:
         if prf is not None:
             order = np.argsort(-scores, kind="stable")
             expanded = self.expand(query, docs[order[: prf.fb_docs]], prf)
-            if prf.mode == "retrieve":
-                docs = self.candidate_documents(expanded, candidates, min_docs=k, allowed=allowed)
-                scores, best_chunks = self.score_documents(expanded, docs)
-            elif query.weights is None and len(expanded.vectors) > len(query.vectors):
+            if query.weights is None and len(expanded.vectors) > len(query.vectors):
                 # weighted MaxSim is a sum over query tokens, and the original ones keep weight 1: the
-                # expanded score is the first-pass score plus the expansion tokens' part, computed on
-                # the rows already gathered (about 4x less work than re-scoring from scratch)
+                # expanded score of a first-pass document is its first-pass score plus the expansion
+                # tokens' part, computed on the rows already gathered (about 4x less work than
+                # re-scoring); only documents new to the second pass are scored from scratch
                 n = len(query.vectors)
                 extra = maxsim_kernel(expanded.vectors[n:], scored.rows, scored.row_offsets, expanded.weights[n:])
                 scores, best_chunks = scored.with_chunk_scores(scored.chunk_scores + extra).best()
+                if prf.mode == "retrieve":
+                    docs, scores, best_chunks = self._merge_second_pass(
+                        expanded, docs, scores, best_chunks, self.candidate_documents(expanded, candidates, min_docs=k, allowed=allowed)
+                    )
             else:
+                if prf.mode == "retrieve":
+                    docs = self.candidate_documents(expanded, candidates, min_docs=k, allowed=allowed)
                 scores, best_chunks = self.score_documents(expanded, docs)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
+
+    def _merge_second_pass(
+        self, expanded: QueryTokens, first_docs: np.ndarray, first_scores: np.ndarray, first_chunks: np.ndarray, second_docs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores of the second pass's documents: reused where the first pass already has them."""
+        position = {int(d): i for i, d in enumerate(first_docs)}
+        known = np.array([int(d) in position for d in second_docs], dtype=bool)
+        scores = np.empty(len(second_docs), np.float32)
+        chunks = np.empty(len(second_docs), np.int64)
+        reuse = np.array([position[int(d)] for d in second_docs[known]], dtype=np.int64)
+        scores[known], chunks[known] = first_scores[reuse], first_chunks[reuse]
+        if (~known).any():
+            scores[~known], chunks[~known] = self.score_documents(expanded, second_docs[~known])
+        return second_docs, scores, chunks
 
     def expand(self, query: QueryTokens, feedback_docs: np.ndarray, prf: PRFConfig) -> QueryTokens:
         """ColBERT-PRF: append IDF-weighted centroids of the feedback documents' tokens to the query."""

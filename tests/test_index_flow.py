@@ -206,3 +206,22 @@ def test_batch_search_flow_writes_the_same_ranking_as_the_api(scifact_index, sci
     for i, d in enumerate(lines):
         expected = [h.doc_id for h in index.search(d["title"], k=3)]
         assert [r["doc_id"] for r in run if r["query_id"] == f"q{i}"] == expected
+
+
+def test_prf_retrieve_reuses_first_pass_scores_exactly(scifact_index, scifact_sample):
+    """retrieve mode equals re-scoring the second pass's candidates with the expanded query."""
+    from tasks.prf import PRFConfig
+
+    index = LateIndex.open(scifact_index[0])
+    config = PRFConfig(fb_docs=3, k=12, fb_embs=6, beta=1.0, mode="retrieve")
+    for line in scifact_sample.read_text().splitlines()[5:10]:
+        query = index.encode(json.loads(line)["title"])
+        fast = index.rank(query, 10, candidates=20, prf=config)
+        docs = index.candidate_documents(query, 20, min_docs=10)
+        first, _ = index.score_documents(query, docs)
+        expanded = index.expand(query, docs[np.argsort(-first, kind="stable")[: config.fb_docs]], config)
+        second = index.candidate_documents(expanded, 20, min_docs=10)
+        scores, _ = index.score_documents(expanded, second)
+        order = np.argsort(-scores, kind="stable")[:10]
+        assert np.allclose([s for _, s, _ in fast], scores[order], atol=1e-4)
+        assert [d for d, _, _ in fast] == [int(second[i]) for i in order]
