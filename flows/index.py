@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -164,15 +165,15 @@ def _run_stages(segments: list[seg.Segment], model_path: str, config: "IndexConf
     if not _stage_tasks_parallel():
         for s in todo:
             chunk_task(s.docs, s.chunks, model_path, config.chunk)
-            encode_task(s.chunks, s.tokens, encoder_config, config.device)
-            fde_task(s.tokens, s.fde, fde_config)
+            encode_task(s.chunks, s.tokens, encoder_config, config.device, s.fde, fde_config)
+            fde_task(s.tokens, s.fde, fde_config)  # no work unless the FDE file is missing (e.g. a resumed run)
         return
     # every path is known in advance, so tasks pass nothing but paths: wait_for orders each segment's
     # stages, and different segments run in parallel on the workers
     submitted = []
     for s in todo:
         chunked = chunk_task.submit(s.docs, s.chunks, model_path, config.chunk)
-        encoded = encode_task.submit(s.chunks, s.tokens, encoder_config, config.device, wait_for=[chunked])
+        encoded = encode_task.submit(s.chunks, s.tokens, encoder_config, config.device, s.fde, fde_config, wait_for=[chunked])
         submitted.append((chunked, encoded, fde_task.submit(s.tokens, s.fde, fde_config, wait_for=[encoded])))
     for futures in submitted:
         for future in futures:
@@ -211,15 +212,18 @@ def assemble_task(version_dir: str, plan: seg.Plan, corpus: Corpus, ann: ANNConf
     )
     write_parquet(docs, out / files.DOCS_FILE)
     write_parquet(rejected, out / files.REJECTED_FILE)
-    store = files.read_token_store(out / files.TOKENS_FILE)
-    write_parquet(document_frequencies(store.token_ids, store.offsets, chunks.column("doc_id")), out / files.IDF_FILE)
+    # the token ids alone (not the vectors) for the document frequencies
+    token_ids = pq.read_table(out / files.TOKENS_FILE, columns=["token_ids"]).column("token_ids").combine_chunks()
+    offsets = token_ids.offsets.to_numpy().astype(np.int64)
+    ids = token_ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    write_parquet(document_frequencies(ids, offsets - offsets[0], chunks.column("doc_id")), out / files.IDF_FILE)
     fde = files.read_fde(out / files.FDE_FILE)
     index, ann_facts = build_ann(fde, ann, seed=seed)
     files.write_faiss(index, out / files.ANN_FILE)
     return {
         "docs": docs.num_rows,
         "chunks": n_chunks,
-        "tokens": int(store.offsets[-1]),
+        "tokens": int(offsets[-1] - offsets[0]),
         "rejected": rejected.num_rows,
         "fde_dim": int(fde.shape[1]),
         "ann": ann_facts,

@@ -25,7 +25,7 @@ from tasks.encode import EncoderConfig, load_encoder, resolve_model_path
 from tasks.fde import FDEConfig, encode_query
 from tasks.idf import idf_lookup
 from tasks.prf import PRFConfig, expand_query, expansion_embeddings
-from tasks.rerank import gather_rows, gather_sets, group_max, maxsim_exhaustive, maxsim_kernel
+from tasks.rerank import gather_rows, group_max, maxsim_candidates, maxsim_exhaustive
 
 # ANN chunks reranked per query. On scifact train (300 queries, evaluation/benchmarks/candidates_sweep.py)
 # 200 / 400 / 800 candidates found 94.3 / 97.6 / 98.9% of the exact MaxSim top-10 at a rerank cost
@@ -124,12 +124,10 @@ class SearchHit:
 
 @dataclass
 class _ScoredCandidates:
-    """Candidate documents' chunks, their gathered token rows and per-chunk MaxSim scores."""
+    """Candidate documents' chunks and their per-chunk MaxSim scores."""
 
     chunk_ids: np.ndarray
     group_offsets: np.ndarray  # document i owns chunk_ids[group_offsets[i]:group_offsets[i+1]]
-    rows: np.ndarray
-    row_offsets: np.ndarray
     chunk_scores: np.ndarray
 
     def best(self) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +138,7 @@ class _ScoredCandidates:
         return best, self.chunk_ids[arg]
 
     def with_chunk_scores(self, chunk_scores: np.ndarray) -> "_ScoredCandidates":
-        return _ScoredCandidates(self.chunk_ids, self.group_offsets, self.rows, self.row_offsets, chunk_scores)
+        return _ScoredCandidates(self.chunk_ids, self.group_offsets, chunk_scores)
 
 
 @dataclass
@@ -369,11 +367,10 @@ class LateIndex:
         return self._score(query, doc_indices).best()
 
     def _score(self, query: QueryTokens, doc_indices: np.ndarray) -> "_ScoredCandidates":
-        """Gather every chunk of the documents once and score them; keep the rows for a PRF pass."""
+        """Score every chunk of the documents; keep the chunk ids for a PRF pass."""
         chunk_ids, group_offsets = gather_rows(self.doc_chunk_offsets, doc_indices)
-        rows, row_offsets = gather_sets(self.tokens.vectors, self.tokens.offsets, chunk_ids)
-        chunk_scores = maxsim_kernel(query.vectors, rows, row_offsets, query.weights) if len(chunk_ids) else np.zeros(0, np.float32)
-        return _ScoredCandidates(chunk_ids, group_offsets, rows, row_offsets, chunk_scores)
+        chunk_scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights)
+        return _ScoredCandidates(chunk_ids, group_offsets, chunk_scores)
 
     def rank(
         self,
@@ -401,10 +398,10 @@ class LateIndex:
             if query.weights is None and len(expanded.vectors) > len(query.vectors):
                 # weighted MaxSim is a sum over query tokens, and the original ones keep weight 1: the
                 # expanded score of a first-pass document is its first-pass score plus the expansion
-                # tokens' part, computed on the rows already gathered (about 4x less work than
-                # re-scoring); only documents new to the second pass are scored from scratch
+                # tokens' part (about 4x less work than re-scoring); only documents new to the
+                # second pass are scored from scratch
                 n = len(query.vectors)
-                extra = maxsim_kernel(expanded.vectors[n:], scored.rows, scored.row_offsets, expanded.weights[n:])
+                extra = maxsim_candidates(expanded.vectors[n:], self.tokens.vectors, self.tokens.offsets, scored.chunk_ids, expanded.weights[n:])
                 scores, best_chunks = scored.with_chunk_scores(scored.chunk_scores + extra).best()
                 if prf.mode == "retrieve":
                     docs, scores, best_chunks = self._merge_second_pass(

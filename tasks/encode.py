@@ -308,16 +308,43 @@ def encode_chunks(chunks: pa.Table, encoder: Encoder, *, progress: bool = False)
     Vectors are stored as float16 (half the bytes; MaxSim is computed in float32 after loading).
     """
     with torch_threads(bulk_threads()):
-        return _encode_chunks(chunks, encoder, progress)
+        return _encode_chunks(chunks, encoder, progress, fdes=None)
 
 
-def _encode_chunks(chunks: pa.Table, encoder: Encoder, progress: bool) -> pa.Table:
+def encode_chunks_with_fdes(chunks: pa.Table, encoder: Encoder, fde_config: Any, *, progress: bool = False) -> tuple[pa.Table, np.ndarray]:
+    """:func:`encode_chunks` plus the chunks' document FDEs, computed while the encoder runs.
+
+    The FDEs equal :func:`tasks.fde.encode_documents` on the returned token store, bit for bit.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from tasks.fde import BackgroundDocumentFDEs
+
+    # the FDE thread's matrix products run on one BLAS thread: torch's pool already has every core
+    with torch_threads(bulk_threads()), threadpool_limits(limits=1, user_api="blas"):
+        with BackgroundDocumentFDEs(fde_config, chunks.num_rows) as fdes:
+            table = _encode_chunks(chunks, encoder, progress, fdes=fdes)
+            return table, fdes.result()
+
+
+def _encode_chunks(chunks: pa.Table, encoder: Encoder, progress: bool, fdes: Any) -> pa.Table:
     sequences = chunks.column("input_ids").to_pylist()
     token_ids: list[Any] = [None] * len(sequences)
     vectors: list[Any] = [None] * len(sequences)
     pooled = np.zeros((len(sequences), encoder.dim), dtype=np.float16)
+    pending: list[int] = []
+    pending_tokens = 0
     for index, ids, vecs, pool in encoder.encode_ids(sequences, progress=progress):
         token_ids[index], vectors[index], pooled[index] = ids, vecs.astype(np.float16), pool
+        if fdes is not None:
+            # hand the FDE thread about one encoder batch of tokens at a time
+            pending.append(index)
+            pending_tokens += len(ids)
+            if pending_tokens >= encoder.config.batch_tokens:
+                fdes.submit(pending, [vectors[i] for i in pending])
+                pending, pending_tokens = [], 0
+    if fdes is not None and pending:
+        fdes.submit(pending, [vectors[i] for i in pending])
     return tokens_table(chunks.column("chunk_id"), token_ids, vectors, pooled, encoder.dim)
 
 
@@ -330,7 +357,7 @@ def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Seque
     flat_vecs = np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float16)
     byte_offsets = offsets.astype(np.int64) * (2 * dim)
     embeddings = pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), len(lengths), [None, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(flat_vecs, dtype="<f2").tobytes())]
+        pa.large_binary(), len(lengths), [None, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(flat_vecs, dtype="<f2"))]
     )
     schema = tokens_schema(dim)
     return pa.Table.from_arrays(
@@ -345,7 +372,25 @@ def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Seque
 
 
 @task(name="encode", cache_policy=NO_CACHE)
-def encode_task(chunks_path: str, out_path: str, config: EncoderConfig, device: str | None = None) -> str:
-    """Prefect task: encode one shard of chunks into ``out_path`` (skipped if already there)."""
-    # float16 vectors barely compress: zstd cost ~1.3 s to write and as much to read back per 400k tokens
-    return run_cached(out_path, lambda: encode_chunks(read_table(chunks_path), load_encoder(config, device), progress=True), compression="none")
+def encode_task(
+    chunks_path: str, out_path: str, config: EncoderConfig, device: str | None = None, fde_path: str | None = None, fde_config: Any = None
+) -> str:
+    """Prefect task: encode one shard of chunks into ``out_path`` (skipped if already there).
+
+    With ``fde_path`` and ``fde_config``, the shard's document FDEs are computed while encoding and
+    written there too (unless that file exists), so the FDE stage need not read the tokens back.
+    """
+    from storage import fs
+    from storage.index_files import fde_table
+
+    if fs.exists(out_path):
+        return out_path
+    encoder = load_encoder(config, device)
+    chunks = read_table(chunks_path)
+    # float16 vectors and float32 FDEs barely compress: zstd cost ~1.3 s to write and as much to read back per 400k tokens
+    if fde_path is None or fde_config is None or fs.exists(fde_path):
+        return run_cached(out_path, lambda: encode_chunks(chunks, encoder, progress=True), compression="none")
+    table, fdes = encode_chunks_with_fdes(chunks, encoder, fde_config, progress=True)
+    run_cached(out_path, lambda: table, compression="none")
+    run_cached(fde_path, lambda: fde_table(fdes), compression="none")
+    return out_path

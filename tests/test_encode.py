@@ -61,3 +61,25 @@ def test_length_buckets_respect_budget():
 def test_hub_name_fails_fast_and_clearly():
     with pytest.raises(ModelNotFoundError, match="not a local folder.*HF_HUB_OFFLINE"):
         resolve_model_path("someone/not-a-cached-model")
+
+
+def test_fdes_computed_while_encoding_equal_the_fde_stage(model_path, scifact_sample, tmp_path):
+    """The fused path (FDEs on a worker thread while encoding) gives the FDE stage's output bit for bit."""
+    from storage.atomic import write_parquet
+    from storage.corpus import read_corpus
+    from storage.index_files import read_token_store
+    from tasks.chunk import ChunkConfig, chunk_documents
+    from tasks.encode import EncoderConfig, encode_chunks, encode_chunks_with_fdes, load_encoder
+    from tasks.fde import FDEConfig, encode_documents
+
+    # a small token budget per batch, so the FDE thread gets many batches out of order
+    encoder = load_encoder(EncoderConfig(model_path=model_path, batch_tokens=512))
+    docs = read_corpus(scifact_sample).docs.slice(0, 12)
+    chunks = chunk_documents(docs, encoder.tokenizer, ChunkConfig(window=64, overlap=16))
+    config = FDEConfig(dim=encoder.dim, repetitions=4, simhash_bits=3, projection_dim=8)
+    table, fdes = encode_chunks_with_fdes(chunks, encoder, config)
+    assert table.equals(encode_chunks(chunks, encoder))
+    write_parquet(table, tmp_path / "tokens.parquet", compression="none")
+    store = read_token_store(tmp_path / "tokens.parquet")
+    assert fdes.shape == (chunks.num_rows, config.output_dim) and chunks.num_rows > 20
+    np.testing.assert_array_equal(fdes, encode_documents(store.vectors, store.offsets, config))

@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from tasks import rerank
-from tasks.rerank import gather_sets, group_max, maxsim_candidates, maxsim_exhaustive, maxsim_kernel
+from tasks.rerank import group_max, maxsim_candidates, maxsim_exhaustive, maxsim_kernel
 
 
 def naive_maxsim(q, d, w=None):
@@ -56,14 +56,15 @@ def test_exhaustive_equals_per_query_kernel():
         assert np.allclose(row, maxsim_kernel(q, store, offsets), atol=1e-5)
 
 
-def test_gather_and_candidates():
+def test_candidates_match_full_scoring_in_any_order():
     rng = np.random.default_rng(3)
-    store, offsets = _store(rng, [2, 0, 3, 1], 4)
-    rows, new_offsets = gather_sets(store, offsets, np.array([3, 0, 2]))
-    assert new_offsets.tolist() == [0, 1, 3, 6]
-    assert np.array_equal(rows[1:3], store[0:2]) and np.array_equal(rows[3:], store[2:5])
+    store, offsets = _store(rng, [2, 0, 3, 1, 4, 2], 4)
     q = rng.normal(size=(3, 4)).astype(np.float32)
-    assert np.allclose(maxsim_candidates(q, store, offsets, np.array([2, 3])), maxsim_kernel(q, store, offsets)[[2, 3]])
+    w = rng.uniform(0.5, 2.0, size=3).astype(np.float32)
+    full = maxsim_kernel(q, store, offsets, w)
+    for ids in ([2, 3], [5, 0, 2, 3], [4, 4, 1, 2], [1], []):
+        got = maxsim_candidates(q, store, offsets, np.array(ids, dtype=np.int64), w)
+        assert got.dtype == np.float32 and np.allclose(got, full[ids], atol=1e-6)  # -inf for the empty set 1
 
 
 def test_group_max_picks_first_best():
