@@ -34,12 +34,16 @@ DEFAULT_CANDIDATES = 400
 
 
 def set_query_threads(n: int) -> None:
-    """Set torch's and FAISS's thread counts for a process that answers queries (see :meth:`LateIndex.open`)."""
+    """Set torch's, FAISS's and numpy's BLAS thread counts for a process that answers queries (see :meth:`LateIndex.open`)."""
     import faiss
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(max(1, n))
     faiss.omp_set_num_threads(max(1, n))
+    # numpy's OpenBLAS too: its pool woke both cores for each small per-candidate product, and with
+    # another process busy the rerank's ~300 small products took 1.8 s instead of 40 ms (measured)
+    threadpool_limits(limits=max(1, n), user_api="blas")
 
 
 TOKEN_MEMORY = ("auto", "float32", "float16")
@@ -53,6 +57,21 @@ def _token_memory_dtype(choice: str, n_values: int) -> type:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
         return np.float32 if 4 * n_values <= ram / 4 else np.float16
     return np.float32 if choice == "float32" else np.float16
+
+
+def _load_token_store(path: Path, manifest: dict[str, Any], token_memory: str) -> files.TokenStore:
+    """The token store in its in-memory dtype (see :meth:`LateIndex.open`), whatever codec it was written in.
+
+    The dtype is chosen from the manifest's token count before reading, so a compressed store
+    (:mod:`storage.token_codec`) is decoded straight into it, without a float16 intermediate.
+    """
+    tokens, dim = manifest.get("counts", {}).get("tokens"), manifest.get("model", {}).get("dim")
+    if tokens is not None and dim:
+        return files.read_token_store(path, _token_memory_dtype(token_memory, int(tokens) * int(dim)))
+    store = files.read_token_store(path)  # a manifest without counts: decide from the store itself
+    if _token_memory_dtype(token_memory, store.vectors.size) == np.float32:
+        store.vectors = store.vectors.astype(np.float32)
+    return store
 
 
 def _match_key(value: Any) -> tuple[str, Any] | None:
@@ -183,11 +202,9 @@ class LateIndex:
         titles, metas = docs.column("title").to_pylist(), docs.column("metadata").to_pylist()
         self.doc_titles = [titles[doc_rows[d]] or "" for d in self.doc_ids]
         self.doc_metadata = [metas[doc_rows[d]] for d in self.doc_ids]
-        self.tokens = files.read_token_store(path / files.TOKENS_FILE)
+        self.tokens = _load_token_store(path / files.TOKENS_FILE, manifest, token_memory)
         if self.tokens.n_chunks != len(self.chunk_doc_ids):
             raise IndexFormatError(f"{path / files.TOKENS_FILE}: {self.tokens.n_chunks} chunks, chunks.parquet has {len(self.chunk_doc_ids)}")
-        if _token_memory_dtype(token_memory, self.tokens.vectors.size) == np.float32:
-            self.tokens.vectors = self.tokens.vectors.astype(np.float32)
         self.ann_config = ann or ANNConfig(**{k: v for k, v in manifest["ann"].items() if k in ANNConfig.__dataclass_fields__})
         index = files.read_faiss(path / files.ANN_FILE)
         if index.ntotal != self.tokens.n_chunks or index.d != self.fde_config.output_dim:
@@ -222,7 +239,7 @@ class LateIndex:
         ann
             Override search-time ANN knobs (``hnsw_ef_search``, ``ivf_nprobe``).
         query_threads
-            Threads of torch and FAISS in this process (None: leave them alone). One query gains
+            Threads of torch, FAISS and numpy's BLAS in this process (None: leave them alone). One query gains
             little from more threads on a CPU, while torch's, OpenBLAS's and FAISS's pools spinning
             against each other on 2 cores made query encoding ~1.5x and the PRF k-means ~5x slower
             (measured); serve concurrency by answering several queries at once instead. Bulk

@@ -112,7 +112,7 @@ def maxsim_candidates(
     breaks = np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1
     for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(ids)]):
         lo, hi = int(offsets[ids[first]]), int(offsets[ids[last - 1] + 1])
-        np.matmul(np.asarray(tokens[lo:hi], dtype=np.float32), q.T, out=sim[row_starts[first] : row_starts[last]])
+        sim[row_starts[first] : row_starts[last]] = np.asarray(tokens[lo:hi], dtype=np.float32) @ q.T
     scores[chosen] = _segment_max(sim, row_starts[:-1]) @ w
     return scores
 
