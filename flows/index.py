@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -41,6 +40,9 @@ from storage.hashing import sha256_tree, stable_key
 from storage.lock import IndexLock
 from storage.manifest import IndexFormatError, library_versions, read_manifest, resolve_index_dir, write_manifest, write_pointer
 from storage.schemas import REJECTED
+from storage.token_codec import DEFAULT_TOKEN_CODEC
+from storage.token_codec import get_codec as get_token_codec
+from storage.token_codec import manifest_entry as token_store_entry
 from storage.versions import (
     complete_versions,
     current_version,
@@ -89,6 +91,22 @@ class IndexConfig:
     shard_size: int = 2000
     device: str | None = None
     on_error: str = "raise"
+    # number format of the assembled index's token vectors (storage.token_codec); the segment cache
+    # stays float16, so changing it re-encodes nothing
+    token_codec: str = DEFAULT_TOKEN_CODEC
+
+    def __post_init__(self) -> None:
+        get_token_codec(self.token_codec)  # a clear ValueError for an unknown name, before any work
+
+    def token_codec_key(self) -> list[dict[str, str]]:
+        """The codec's part of the build key: empty for float16, so indexes built before codecs keep their key.
+
+        Examples
+        --------
+        >>> IndexConfig().token_codec_key(), IndexConfig(token_codec="int8").token_codec_key()
+        ([], [{'token_codec': 'int8'}])
+        """
+        return [] if self.token_codec == DEFAULT_TOKEN_CODEC else [{"token_codec": self.token_codec}]
 
 
 def _model_dim(model_path: str) -> tuple[int, int]:
@@ -181,14 +199,29 @@ def _run_stages(segments: list[seg.Segment], model_path: str, config: "IndexConf
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
-def assemble_task(version_dir: str, plan: seg.Plan, corpus: Corpus, ann: ANNConfig, seed: int) -> dict[str, Any]:
-    """Prefect task: take every document's rows from its segment, in corpus order, and build the ANN index."""
+def assemble_task(
+    version_dir: str, plan: seg.Plan, corpus: Corpus, ann: ANNConfig, seed: int, token_codec: str = DEFAULT_TOKEN_CODEC
+) -> dict[str, Any]:
+    """Prefect task: take every document's rows from its segment, in corpus order, and build the ANN index.
+
+    The token vectors are written in ``token_codec`` (:mod:`storage.token_codec`).
+    """
+    get_token_codec(token_codec)
     out = Path(version_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc_ids = corpus.docs.column("doc_id").to_pylist()
     n_chunks = seg.gather(plan, doc_ids, "chunks", out / files.CHUNKS_FILE, compression="zstd")
     # float16 vectors and FDEs barely compress; skipping compression keeps writes and loads fast
-    n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none")
+    if token_codec == DEFAULT_TOKEN_CODEC:
+        n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none")
+    else:
+        # segments hold float16 (a codec change re-encodes nothing): gather them, then transcode in batches
+        staging = out / f".{files.TOKENS_FILE}.float16.tmp"
+        try:
+            n_tokens = seg.gather(plan, doc_ids, "tokens", staging, compression="none")
+            files.transcode_token_file(staging, out / files.TOKENS_FILE, token_codec)
+        finally:
+            staging.unlink(missing_ok=True)
     n_fde = seg.gather(plan, doc_ids, "fde", out / files.FDE_FILE, compression="none")
     if not n_chunks == n_tokens == n_fde:
         raise IndexFormatError(f"{version_dir}: segments disagree ({n_chunks} chunks, {n_tokens} token rows, {n_fde} FDE rows)")
@@ -213,17 +246,15 @@ def assemble_task(version_dir: str, plan: seg.Plan, corpus: Corpus, ann: ANNConf
     write_parquet(docs, out / files.DOCS_FILE)
     write_parquet(rejected, out / files.REJECTED_FILE)
     # the token ids alone (not the vectors) for the document frequencies
-    token_ids = pq.read_table(out / files.TOKENS_FILE, columns=["token_ids"]).column("token_ids").combine_chunks()
-    offsets = token_ids.offsets.to_numpy().astype(np.int64)
-    ids = token_ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-    write_parquet(document_frequencies(ids, offsets - offsets[0], chunks.column("doc_id")), out / files.IDF_FILE)
+    ids, offsets = files.read_token_ids(out / files.TOKENS_FILE)
+    write_parquet(document_frequencies(ids, offsets, chunks.column("doc_id")), out / files.IDF_FILE)
     fde = files.read_fde(out / files.FDE_FILE)
     index, ann_facts = build_ann(fde, ann, seed=seed)
     files.write_faiss(index, out / files.ANN_FILE)
     return {
         "docs": docs.num_rows,
         "chunks": n_chunks,
-        "tokens": int(offsets[-1] - offsets[0]),
+        "tokens": int(offsets[-1]),
         "rejected": rejected.num_rows,
         "fde_dim": int(fde.shape[1]),
         "ann": ann_facts,
@@ -340,6 +371,7 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         config.ann.to_dict(),
         table_digest(corpus_data.docs, ["doc_id", "title", "text", "metadata", "content_hash"]),
         table_digest(corpus_data.rejected, REJECTED.names),
+        *config.token_codec_key(),
     )
     current = _current_manifest(out)
     if current is not None and current.get("build_key") == build_key:
@@ -370,7 +402,7 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
     _run_stages(plan.segments, model_path, config, encoder_config, fde_config)
 
     version = new_version_dir(out, build_key)
-    facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed)
+    facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
     corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
     body = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -381,6 +413,7 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
         "fde": fde_config.to_dict(),
         "ann": {**config.ann.to_dict(), **facts.pop("ann")},
+        "token_store": token_store_entry(config.token_codec, dim),
         "counts": facts,
         "incremental": {
             **{f"docs_{k}": v for k, v in changes.items()},

@@ -14,6 +14,7 @@ apply_quiet_defaults()
 
 def _add_index_options(p: argparse.ArgumentParser) -> None:
     from flows.index import FDEParams, IndexConfig
+    from storage.token_codec import TOKEN_CODECS
     from tasks.ann import ANN_KINDS
     from tasks.chunk import ChunkConfig
 
@@ -26,6 +27,11 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-punctuation", action="store_true", help="keep punctuation tokens of documents (dropped by default)")
     g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help=f"padded tokens per encoder batch (default {d.batch_tokens})")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument(
+        "--token-codec", choices=TOKEN_CODECS, default=d.token_codec,
+        help=f"number format of the stored token vectors: float16, or int8 (a quarter of float32, half of float16; "
+        f"nDCG@10 within 0.1%% on scifact and cranfield, see BENCHMARKS.md); re-encodes nothing (default {d.token_codec})",
+    )
     g = p.add_argument_group("MUVERA FDE")
     g.add_argument("--fde-reps", type=int, default=f.repetitions, help=f"repetitions R (default {f.repetitions})")
     g.add_argument("--fde-bits", type=int, default=f.simhash_bits, help=f"SimHash bits k_sim; 2^k partitions (default {f.simhash_bits})")
@@ -93,6 +99,7 @@ def index_config_from_args(args: argparse.Namespace):
         shard_size=args.shard_size,
         device=args.device,
         on_error=args.on_error,
+        token_codec=args.token_codec,
     )
 
 

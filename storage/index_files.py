@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from storage import token_codec
 from storage.atomic import atomic_path
 from storage.manifest import IndexFormatError
 
@@ -24,12 +25,12 @@ CACHE_DIR = ".cache"
 
 @dataclass
 class TokenStore:
-    """Every chunk's kept token vectors as one flat float16 matrix with CSR offsets.
+    """Every chunk's kept token vectors as one flat matrix with CSR offsets.
 
     ``vectors[offsets[i]:offsets[i+1]]`` and ``token_ids[...]`` belong to chunk ``i``.
     """
 
-    vectors: np.ndarray  # (total_tokens, dim) float16 as stored (LateIndex may widen it to float32)
+    vectors: np.ndarray  # (total_tokens, dim) float16 (or the dtype asked of read_token_store), decoded
     token_ids: np.ndarray  # (total_tokens,) int32
     offsets: np.ndarray  # (n_chunks + 1,) int64
 
@@ -47,8 +48,12 @@ def _read(path: Path | str, columns: list[str] | None = None) -> pa.Table:
         raise IndexFormatError(f"{path}: unreadable Parquet ({exc})") from exc
 
 
-def read_token_store(path: str | os.PathLike) -> TokenStore:
-    """Load ``tokens.parquet`` into a :class:`TokenStore` (checks that chunk ids are 0..n-1 in order)."""
+def read_token_store(path: str | os.PathLike, dtype: type = np.float16) -> TokenStore:
+    """Load ``tokens.parquet`` into a :class:`TokenStore` (checks that chunk ids are 0..n-1 in order).
+
+    The vectors come back as ``dtype`` whatever the file's token codec (:mod:`storage.token_codec`):
+    a float16 file read as float16 is not copied; an int8 file is decoded straight into ``dtype``.
+    """
     table = _read(path, ["chunk_id", "token_ids", "embeddings"])
     chunk_ids = table.column("chunk_id").to_numpy()
     if not np.array_equal(chunk_ids, np.arange(len(chunk_ids))):
@@ -57,29 +62,90 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
     emb_col = table.column("embeddings").combine_chunks()
     offsets = ids_col.offsets.to_numpy().astype(np.int64)
     if pa.types.is_large_binary(emb_col.type) or pa.types.is_binary(emb_col.type):
-        vectors = _binary_matrices(path, table.schema.field("embeddings"), emb_col, offsets)
+        vectors = _binary_matrices(path, table.schema.field("embeddings"), emb_col, offsets, dtype)
     else:  # format version 1: list<fixed_size_list<float16, dim>>
         if not np.array_equal(emb_col.offsets.to_numpy().astype(np.int64), offsets):
             raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
         dim = emb_col.type.value_type.list_size
         # a sliced list array may start its values past 0: honour the first offset
-        vectors = emb_col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[offsets[0] : offsets[-1]]
+        vectors = emb_col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[offsets[0] : offsets[-1]].astype(dtype, copy=False)
     token_ids = ids_col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return TokenStore(vectors=np.ascontiguousarray(vectors), token_ids=np.ascontiguousarray(token_ids), offsets=offsets - offsets[0])
 
 
-def _binary_matrices(path: str | os.PathLike, field: pa.Field, column: pa.Array, token_offsets: np.ndarray) -> np.ndarray:
-    """The flat (tokens, dim) float16 matrix behind a binary ``embeddings`` column, without a copy."""
+def _embeddings_codec(path: str | os.PathLike, field: pa.Field) -> tuple[token_codec.TokenCodec, int]:
+    """The token codec and dimension recorded on a binary ``embeddings`` field (no ``codec`` key: float16)."""
     meta = {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
-    if meta.get("dtype") != "<f2" or not meta.get("dim", "").isdigit():
+    try:
+        spec = token_codec.get_codec(meta.get("codec", "float16"))
+    except ValueError as exc:
+        raise IndexFormatError(f"{path}: {exc} (written by a newer lateflow?)") from None
+    if meta.get("dtype") != spec.dtype or not meta.get("dim", "").isdigit():
         raise IndexFormatError(f"{path}: embeddings column lacks its dtype/dim metadata")
-    dim = int(meta["dim"])
+    return spec, int(meta["dim"])
+
+
+def _binary_matrices(path: str | os.PathLike, field: pa.Field, column: pa.Array, token_offsets: np.ndarray, dtype: type) -> np.ndarray:
+    """The flat (tokens, dim) matrix behind a binary ``embeddings`` column, decoded to ``dtype`` (float16: no copy)."""
+    spec, dim = _embeddings_codec(path, field)
+    stored = _stored_rows(path, column, token_offsets, spec, dim)
+    return token_codec.decode(stored, spec.name, dtype)
+
+
+def _stored_rows(path: str | os.PathLike, column: pa.Array, token_offsets: np.ndarray, spec: token_codec.TokenCodec, dim: int) -> np.ndarray:
+    """A view of a binary ``embeddings`` column's bytes as (tokens, dim) values of the codec's dtype."""
     offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
     byte_offsets = np.frombuffer(column.buffers()[1], dtype=offset_type)[column.offset : column.offset + len(column) + 1].astype(np.int64)
-    if not np.array_equal(byte_offsets - byte_offsets[0], (token_offsets - token_offsets[0]) * 2 * dim):
+    if not np.array_equal(byte_offsets - byte_offsets[0], (token_offsets - token_offsets[0]) * spec.row_bytes(dim)):
         raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[byte_offsets[0] : byte_offsets[-1]]
-    return data.view("<f2").reshape(-1, dim)
+    return data.view(spec.dtype).reshape(-1, dim)
+
+
+def read_token_ids(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Only the token ids of ``tokens.parquet`` and their CSR offsets (the vectors are not read)."""
+    ids_col = _read(path, ["token_ids"]).column("token_ids").combine_chunks()
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    token_ids = ids_col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    return np.ascontiguousarray(token_ids), offsets - offsets[0]
+
+
+def token_codec_of(path: str | os.PathLike) -> str:
+    """The codec of a ``tokens.parquet`` file's vectors (``float16`` for files written before codecs)."""
+    import pyarrow.parquet as pq
+
+    field = pq.read_schema(path).field("embeddings")
+    if not (pa.types.is_large_binary(field.type) or pa.types.is_binary(field.type)):
+        return "float16"  # format version 1: nested float16 lists
+    return _embeddings_codec(path, field)[0].name
+
+
+def transcode_token_file(source: str | os.PathLike, target: str | os.PathLike, codec: str, *, batch_rows: int = 512) -> None:
+    """Write ``target``: the float16 ``tokens.parquet`` at ``source`` with its vectors in ``codec``.
+
+    Streams ``batch_rows`` chunks at a time, so memory stays bounded by one batch whatever the
+    index size; every other column is copied as is. ``target`` is written atomically.
+    """
+    import pyarrow.parquet as pq
+
+    from storage.schemas import tokens_schema
+
+    spec = token_codec.get_codec(codec)
+    source_file = pq.ParquetFile(source)
+    source_spec, dim = _embeddings_codec(source, source_file.schema_arrow.field("embeddings"))
+    if source_spec.name != "float16":
+        raise ValueError(f"{source}: can only transcode a float16 token store, this one is {source_spec.name}")
+    schema = tokens_schema(dim, spec.name)
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, compression="none") as writer:
+        for batch in source_file.iter_batches(batch_size=batch_rows):
+            ids = batch.column("token_ids")
+            token_offsets = ids.offsets.to_numpy().astype(np.int64)
+            stored = _stored_rows(source, batch.column("embeddings"), token_offsets, source_spec, dim)
+            codes = np.ascontiguousarray(token_codec.encode(stored, spec.name))
+            byte_offsets = (token_offsets - token_offsets[0]) * spec.row_bytes(dim)
+            embeddings = pa.LargeBinaryArray.from_buffers(pa.large_binary(), batch.num_rows, [None, pa.py_buffer(byte_offsets), pa.py_buffer(codes)])
+            columns = [batch.column(name) if name != "embeddings" else embeddings for name in schema.names]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
 
 
 def read_pooled(path: str | os.PathLike) -> np.ndarray:

@@ -45,16 +45,34 @@ CHUNKS = pa.schema(
 )
 
 
-def tokens_schema(dim: int) -> pa.Schema:
-    """Token-embedding store: per chunk, the kept token ids, their float16 unit vectors, and the pooled vector."""
+def tokens_schema(dim: int, codec: str = "float16") -> pa.Schema:
+    """Token-embedding store: per chunk, the kept token ids, their unit vectors, and the pooled vector.
+
+    ``codec`` (see :mod:`storage.token_codec`) is the number format of the vectors: float16 (what
+    the encoder writes, and every segment cache file) or a compressed one for the assembled index.
+
+    Examples
+    --------
+    >>> field = tokens_schema(384, "int8").field("embeddings")
+    >>> field.metadata[b"dtype"], field.metadata[b"codec"], b"codec" in tokens_schema(384).field("embeddings").metadata
+    (b'|i1', b'int8', False)
+    """
+    from storage.token_codec import get_codec
+
+    spec = get_codec(codec)
+    meta = {"dtype": spec.dtype, "dim": str(dim), "layout": "row-major (n_tokens, dim)"}
+    if spec.name != "float16":
+        # float16 files keep the metadata they always had (no "codec" key means float16)
+        meta.update(codec=spec.name, scheme=spec.description)
     return pa.schema(
         [
             pa.field("chunk_id", pa.int64(), nullable=False),
             pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-            # the chunk's (n_tokens, dim) float16 matrix, little-endian, row-major, as raw bytes: Parquet
-            # decodes a nested list<fixed_size_list<float16>> value by value (30 s for scifact's 1.8M
-            # tokens), a binary column in one piece (1 s); np.frombuffer(..., "<f2").reshape(-1, dim)
-            pa.field("embeddings", pa.large_binary(), nullable=False, metadata={"dtype": "<f2", "dim": str(dim), "layout": "row-major (n_tokens, dim)"}),
+            # the chunk's (n_tokens, dim) matrix (float16 unless "codec" says otherwise), little-endian,
+            # row-major, as raw bytes: Parquet decodes a nested list<fixed_size_list<float16>> value by
+            # value (30 s for scifact's 1.8M tokens), a binary column in one piece (1 s);
+            # np.frombuffer(..., metadata "dtype").reshape(-1, dim)
+            pa.field("embeddings", pa.large_binary(), nullable=False, metadata=meta),
             # unit mean-pooled vector of the chunk (all real tokens): the single-vector baseline
             pa.field("pooled", pa.list_(pa.float16(), dim), nullable=False),
         ]

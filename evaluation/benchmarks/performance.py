@@ -1,0 +1,91 @@
+"""Every performance benchmark of issue 7, one after another, with the settings BENCHMARKS.md reports.
+
+Run (about 1.5 hours on 2 cores; add ``--large`` for the 100k-document scaling size, about 1 more)::
+
+    .venv/bin/python -m evaluation.benchmarks.performance --datasets ../shared/datasets --work idx/bench
+
+Steps (each also runs on its own; see its module):
+
+1. ``lateflow index`` of scifact into ``WORK/scifact`` (skipped when that index is current);
+2. :mod:`evaluation.benchmarks.pipeline`: indexing throughput of the flow against the bare encoder,
+   and fde-rerank against brute-force latency;
+3. :mod:`evaluation.benchmarks.precision`: fp32 / bf16 / int8 encoders on speed and nDCG@10;
+4. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
+   the token heuristic; tuned on train, reported on test);
+5. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
+   ``--large``) documents with flat, HNSW and IVF-PQ FDE indexes;
+6. :mod:`evaluation.benchmarks.memory`: bytes per document and token-store / FDE-index compression
+   against nDCG@10.
+
+Every step writes ``reports/benchmarks/<name>.{md,json}``; BENCHMARKS.md quotes them. Run nothing
+else heavy meanwhile: the machine's two cores are the instrument.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from flows.settings import apply_quiet_defaults
+
+apply_quiet_defaults()
+
+REPORTS = Path("reports") / "benchmarks"
+
+
+def _step(name: str, main, argv: list[str]) -> None:
+    print(f"\n=== {name}: {' '.join(argv)}", flush=True)
+    started = time.perf_counter()
+    code = main(argv)
+    if code:
+        raise SystemExit(f"{name} failed with exit code {code}")
+    print(f"=== {name} took {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluation.benchmarks import candidates_table, memory, pipeline, precision, scaling
+    from lateflow.cli import main as lateflow_main
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", type=Path, required=True, help="folder holding the BEIR datasets scifact/ (and cranfield/)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the indexes the benchmarks build")
+    parser.add_argument("--large", action="store_true", help="add the 100k-document scaling size")
+    parser.add_argument("--only", nargs="+", choices=["pipeline", "precision", "candidates", "scaling", "memory"], help="run only these steps")
+    args = parser.parse_args(argv)
+    scifact = args.datasets / "scifact"
+    index = args.work / "scifact"
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.only or ["pipeline", "precision", "candidates", "scaling", "memory"])
+    _step("index scifact", lateflow_main, ["index", str(scifact), "--index", str(index)])
+    if "pipeline" in wanted:
+        _step("pipeline", pipeline.main, [
+            "--corpus", str(scifact), "--docs", "1000", "--index", str(index), "--queries", str(scifact / "queries.jsonl"),
+            "--n-queries", "100", "--out", str(REPORTS / "pipeline-scifact.json"),
+        ])
+    if "precision" in wanted:
+        (args.work / "precision").mkdir(parents=True, exist_ok=True)
+        fp32 = args.work / "precision" / "fp32"
+        if not fp32.exists():
+            fp32.symlink_to(index.resolve(), target_is_directory=True)  # the default index is the fp32 one
+        _step("precision", precision.main, [
+            str(scifact), "--index-root", str(args.work / "precision"), "--chunks", "600", "--splits", "train", "test",
+            "--max-queries", "100", "--out", str(REPORTS / "precision-scifact.md"),
+        ])
+    if "candidates" in wanted:
+        _step("candidates table", candidates_table.main, [
+            str(scifact), "--index", str(index), "--cache-dir", str(args.work / "candidates-table"),
+            "--out", str(REPORTS / "candidates-table-scifact.md"),
+        ])
+    if "scaling" in wanted:
+        sizes = ["1000", "full", "10000"] + (["100000"] if args.large else [])
+        _step("scaling", scaling.main, [
+            "--sizes", *sizes, "--dataset", str(scifact), "--source-index", str(index), "--scale-dir", str(args.work / "scale"),
+            "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
+        ])
+    if "memory" in wanted:
+        _step("memory", memory.main, [str(scifact), "--index", str(index), "--split", "test", "--out", str(REPORTS / "memory-scifact.md")])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
