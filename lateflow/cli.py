@@ -29,8 +29,9 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument(
         "--token-codec", choices=TOKEN_CODECS, default=d.token_codec,
-        help=f"number format of the stored token vectors: float16, or int8 (a quarter of float32, half of float16; "
-        f"nDCG@10 within 0.1%% on scifact and cranfield, see BENCHMARKS.md); re-encodes nothing (default {d.token_codec})",
+        help="number format of the stored token vectors: float16, int8 (a quarter of float32: no measurable nDCG@10 change) or "
+        "int4 (an eighth: within noise on scifact and cranfield); vectors are decoded when the index loads, and changing it "
+        f"re-encodes nothing (default {d.token_codec})",
     )
     g = p.add_argument_group("MUVERA FDE")
     g.add_argument("--fde-reps", type=int, default=f.repetitions, help=f"repetitions R (default {f.repetitions})")

@@ -89,17 +89,17 @@ def _binary_matrices(path: str | os.PathLike, field: pa.Field, column: pa.Array,
     """The flat (tokens, dim) matrix behind a binary ``embeddings`` column, decoded to ``dtype`` (float16: no copy)."""
     spec, dim = _embeddings_codec(path, field)
     stored = _stored_rows(path, column, token_offsets, spec, dim)
-    return token_codec.decode(stored, spec.name, dtype)
+    return token_codec.decode(stored, spec.name, dtype, dim)
 
 
 def _stored_rows(path: str | os.PathLike, column: pa.Array, token_offsets: np.ndarray, spec: token_codec.TokenCodec, dim: int) -> np.ndarray:
-    """A view of a binary ``embeddings`` column's bytes as (tokens, dim) values of the codec's dtype."""
+    """A view of a binary ``embeddings`` column's bytes as (tokens, stored width) items of the codec's dtype."""
     offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
     byte_offsets = np.frombuffer(column.buffers()[1], dtype=offset_type)[column.offset : column.offset + len(column) + 1].astype(np.int64)
     if not np.array_equal(byte_offsets - byte_offsets[0], (token_offsets - token_offsets[0]) * spec.row_bytes(dim)):
         raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[byte_offsets[0] : byte_offsets[-1]]
-    return data.view(spec.dtype).reshape(-1, dim)
+    return data.view(spec.dtype).reshape(-1, spec.width(dim))
 
 
 def read_token_ids(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,13 @@ It opens an index once and prints three tables (issue 7, "Memory"):
    share of float32, and nDCG@10 of ``maxsim-exact`` and ``fde-rerank`` (400 candidates) with the
    decoded tokens substituted into the opened index's in-memory store: exactly what an index built
    with that codec would answer, since the FDEs and the ANN are built from the float16 cache either
-   way. Candidates: ``float16`` (the baseline), ``int8`` (per-vector scale, not stored: rows are
-   renormalised on decode, :mod:`storage.token_codec`), ``int8-dim@P`` / ``int4-dim@P`` (one scale
-   per dimension, the P-th percentile of |x|, values beyond it clipped), ``int4`` (per-vector,
-   renormalised), ``pcaK`` (PCA fitted on the indexed tokens, K float16 coordinates; decoding
-   ``mean + P z`` equals projecting the queries, up to a per-query constant that MaxSim ranking
-   ignores), ``pcaK-int8`` (those coordinates in int8) and ``pqM`` (FAISS product quantiser, M bytes).
+   way. Candidates: ``float16`` (the baseline); ``int8`` and ``int4`` (per-vector scale, not
+   stored: rows are renormalised on decode; the kernels of :mod:`storage.token_codec`);
+   ``int8-dim@P`` / ``int4-dim@P`` (one scale per dimension, the P-th percentile of |x|, values
+   beyond it clipped); ``sign`` (one bit per value); ``pcaK`` (PCA fitted on the indexed tokens, K
+   float16 coordinates; decoding ``mean + P z`` equals projecting the queries, up to a per-query
+   constant that MaxSim ranking ignores); ``pcaK-int8`` (those coordinates in int8); ``pqM`` (FAISS
+   product quantiser, M bytes per token).
    Fitted parameters come from 200,000 tokens sampled from the index. Also per codec: relative
    reconstruction error, encode and decode seconds for the whole store, agreement of each top-10
    with float16's, a paired t-test against float16, and the rerank cost per query if the store were
@@ -59,7 +60,7 @@ DEFAULT_CODECS = [
     "int4", "int4-dim@99.9", "int4-dim@99", "int4-dim@98",
     "pca64", "pca96", "pca128", "pca192", "pca128-int8", "pca192-int8", "pca256-int8", "pq96", "sign",
 ]
-DEFAULT_FDE_INDEXES = ["flat", "flat-fp16", "sq8", "ivfpq", "ivfpq256", "binary", "binary@1600"]
+DEFAULT_FDE_INDEXES = ["flat", "flat-fp16", "sq8", "ivfpq", "ivfpq-np64", "ivfpq-np128", "ivfpq256-np128", "binary", "binary@1600"]
 
 
 # -- token codec candidates --------------------------------------------------------------------
@@ -91,25 +92,6 @@ class Candidate:
     resident: Callable[[np.ndarray], Resident] | None = None  # codes of the whole store -> Resident
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=x, where=norms > 0)
-
-
-def _pack4(codes: np.ndarray) -> np.ndarray:
-    """Signed 4-bit codes in -7..7 packed two per byte (dim must be even)."""
-    u = (codes + 8).astype(np.uint8)
-    return (u[:, 0::2] << 4) | u[:, 1::2]
-
-
-def _unpack4(packed: np.ndarray) -> np.ndarray:
-    out = np.empty((len(packed), packed.shape[1] * 2), dtype=np.float32)
-    out[:, 0::2] = packed >> 4
-    out[:, 1::2] = packed & 15
-    out -= 8
-    return out
-
-
 def _dim_scales(sample: np.ndarray, percentile: float) -> np.ndarray:
     scales = np.percentile(np.abs(sample), percentile, axis=0).astype(np.float32)
     return np.where(scales > 0, scales, 1.0).astype(np.float32)  # a dead dimension: any scale works
@@ -122,31 +104,24 @@ def _float16() -> Candidate:
     )
 
 
-def _int8_vector(dim: int) -> Candidate:
+def _per_vector(codec: str, dim: int) -> Candidate:
+    """A codec of :mod:`storage.token_codec` (per-vector scale, not stored: rows renormalised on decode)."""
     from storage import token_codec
 
-    def resident(codes: np.ndarray) -> Resident:
-        inv = np.empty(len(codes), np.float32)
-        for lo in range(0, len(codes), BLOCK_ROWS):
-            inv[lo : lo + BLOCK_ROWS] = 1.0 / np.maximum(np.linalg.norm(codes[lo : lo + BLOCK_ROWS].astype(np.float32), axis=1), 1e-12)
-        return Resident(codes, lambda q: q, row_scale=inv)
-
-    return Candidate("int8", 1.0, 0, lambda x: token_codec.encode(x, "int8"), lambda c: token_codec.decode(c, "int8", np.float32), resident)
-
-
-def _int4_vector(dim: int) -> Candidate:
-    def encode(x: np.ndarray) -> np.ndarray:
-        scale = np.abs(x).max(axis=1, keepdims=True)
-        scale[scale == 0] = 1.0
-        return _pack4(np.rint(x * (7 / scale)).astype(np.int8))
+    spec = token_codec.get_codec(codec)
+    unpack = (lambda c: token_codec.unpack_int4(c, dim)) if spec.values_per_item == 2 else None
 
     def resident(codes: np.ndarray) -> Resident:
+        # kept compressed, a row's similarities are scaled by 1 / ||codes|| (float32 per token in memory)
         inv = np.empty(len(codes), np.float32)
         for lo in range(0, len(codes), BLOCK_ROWS):
-            inv[lo : lo + BLOCK_ROWS] = 1.0 / np.maximum(np.linalg.norm(_unpack4(codes[lo : lo + BLOCK_ROWS]), axis=1), 1e-12)
-        return Resident(codes, lambda q: q, unpack=_unpack4, row_scale=inv)
+            block = codes[lo : lo + BLOCK_ROWS]
+            inv[lo : lo + BLOCK_ROWS] = 1.0 / np.maximum(np.linalg.norm(unpack(block) if unpack else block.astype(np.float32), axis=1), 1e-12)
+        return Resident(codes, lambda q: q, unpack=unpack, row_scale=inv)
 
-    return Candidate("int4", 0.5, 0, encode, lambda c: _unit_rows(_unpack4(c)), resident)
+    return Candidate(
+        codec, spec.row_bytes(dim) / dim, 0, lambda x: token_codec.encode(x, codec), lambda c: token_codec.decode(c, codec, np.float32, dim), resident
+    )
 
 
 def _sign(dim: int) -> Candidate:
@@ -162,7 +137,10 @@ def _scalar_dim(bits: int, percentile: float, sample: np.ndarray) -> Candidate:
     levels = 2 ** (bits - 1) - 1
     scales = _dim_scales(sample, percentile)
     step = scales / levels
-    pack, unpack = (_pack4, _unpack4) if bits == 4 else (lambda c: c, lambda c: c.astype(np.float32))
+    from storage.token_codec import pack_int4, unpack_int4
+
+    dim = sample.shape[1]
+    pack, unpack = (pack_int4, lambda c: unpack_int4(c, dim)) if bits == 4 else (lambda c: c, lambda c: c.astype(np.float32))
 
     def encode(x: np.ndarray) -> np.ndarray:
         return pack(np.clip(np.rint(x / step), -levels, levels).astype(np.int8))
@@ -170,7 +148,7 @@ def _scalar_dim(bits: int, percentile: float, sample: np.ndarray) -> Candidate:
     return Candidate(
         f"int{bits}-dim@{percentile:g}", bits / 8, scales.nbytes, encode, lambda c: unpack(c) * step,
         # a per-dimension scale folds into the query: <q, s * c> = <q * s, c>
-        resident=lambda codes: Resident(codes, lambda q: q * step, unpack=_unpack4 if bits == 4 else None),
+        resident=lambda codes: Resident(codes, lambda q: q * step, unpack=unpack if bits == 4 else None),
     )
 
 
@@ -208,14 +186,23 @@ def _pq(m: int, sample: np.ndarray) -> Candidate:
 
 
 def make_candidate(name: str, sample: np.ndarray) -> Candidate:
-    """Build (and fit on ``sample``) the codec candidate called ``name`` (see the module docstring)."""
+    """Build (and fit on ``sample``) the codec candidate called ``name`` (see the module docstring).
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).normal(size=(500, 64)).astype(np.float32)
+    >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+    >>> [(c.name, c.code_bytes * 64) for c in map(lambda n: make_candidate(n, x), ["int8", "int4-dim@99", "pca32-int8", "sign"])]
+    [('int8', 64.0), ('int4-dim@99', 32.0), ('pca32-int8', 32.0), ('sign', 8.0)]
+    >>> c = make_candidate("int8", x)
+    >>> bool(np.abs(c.decode(c.encode(x)) - x).max() < 0.01)
+    True
+    """
     dim = sample.shape[1]
     if name == "float16":
         return _float16()
-    if name == "int8":
-        return _int8_vector(dim)
-    if name == "int4":
-        return _int4_vector(dim)
+    if name in ("int8", "int4"):
+        return _per_vector(name, dim)
     if name == "sign":
         return _sign(dim)
     if name.startswith(("int8-dim@", "int4-dim@")):
@@ -458,6 +445,13 @@ class SignBitIndex:
     """A FAISS binary index over the FDEs' sign bits that answers like a float index (higher is better).
 
     Query FDEs have exact zeros in empty partitions; their bit is 0 like a negative value's.
+
+    Examples
+    --------
+    >>> fde = np.array([[1.0, -2.0, 3.0, 0.5] * 4, [-1.0, 2.0, -3.0, 0.5] * 4], dtype=np.float32)
+    >>> scores, ids = SignBitIndex(fde).search(fde[:1], 2)
+    >>> ids.tolist(), scores.tolist()
+    ([[0, 1]], [[-0.0, -12.0]])
     """
 
     def __init__(self, fde: np.ndarray) -> None:
@@ -479,7 +473,10 @@ class SignBitIndex:
 
 
 def build_fde_index(kind: str, fde: np.ndarray) -> tuple[Any, int, int]:
-    """(index, bytes serialised, rerank candidates) for an FDE index kind of :data:`DEFAULT_FDE_INDEXES`."""
+    """(index, bytes serialised, rerank candidates) for an FDE index kind of :data:`DEFAULT_FDE_INDEXES`.
+
+    ``KIND@N`` reranks N candidates instead of the engine's default.
+    """
     import faiss
 
     from lateflow.engine import DEFAULT_CANDIDATES
@@ -497,8 +494,9 @@ def build_fde_index(kind: str, fde: np.ndarray) -> tuple[Any, int, int]:
         index = faiss.IndexScalarQuantizer(fde.shape[1], qtype, faiss.METRIC_INNER_PRODUCT)
         index.train(fde)
         index.add(fde)
-    elif name.startswith("ivfpq"):
-        index, _ = build_ann(fde, ANNConfig(kind="ivfpq", pq_subquantizers=int(name[5:] or 64)))
+    elif name.startswith("ivfpq"):  # ivfpq[M][-npN]: M sub-quantisers (default 64), N lists probed (default 16)
+        subquantizers, _, nprobe = name[5:].partition("-np")
+        index, _ = build_ann(fde, ANNConfig(kind="ivfpq", pq_subquantizers=int(subquantizers or 64), ivf_nprobe=int(nprobe or 16)))
     else:
         raise ValueError(f"unknown FDE index kind {kind!r}")
     return index, int(faiss.serialize_index(index).size), candidates
