@@ -40,7 +40,7 @@ from storage.hashing import sha256_tree, stable_key
 from storage.lock import IndexLock
 from storage.manifest import IndexFormatError, library_versions, read_manifest, resolve_index_dir, write_manifest, write_pointer
 from storage.schemas import REJECTED
-from storage.token_codec import DEFAULT_TOKEN_CODEC
+from storage.token_codec import DEFAULT_TOKEN_CODEC, SEGMENT_TOKEN_CODEC
 from storage.token_codec import get_codec as get_token_codec
 from storage.token_codec import manifest_entry as token_store_entry
 from storage.versions import (
@@ -72,9 +72,14 @@ class FDEParams:
     projection_dim: int | None = 32
     final_dim: int | None = None
     seed: int = 42
+    # MUVERA fills a document's empty partitions with the projection of the token nearest to them.
+    # Off by default: on scifact train, cranfield and LIMIT-small alike, unfilled FDEs put more of the
+    # exact MaxSim top-10 among the ANN candidates (scifact train, 100 candidates: 0.900 vs 0.887;
+    # cranfield, 50: 0.911 vs 0.880), and filling never won (BENCHMARKS.md sections 3 and 5.1)
+    fill_empty_partitions: bool = False
 
     def config(self, dim: int) -> FDEConfig:
-        return FDEConfig(dim=dim, fill_empty_partitions=True, **asdict(self))
+        return FDEConfig(dim=dim, **asdict(self))
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ class IndexConfig:
     shard_size: int = 2000
     device: str | None = None
     on_error: str = "raise"
-    # number format of the assembled index's token vectors (storage.token_codec); the segment cache
+    # number format of the assembled index's token vectors (storage.token_codec): int8 is a quarter of
+    # float32 at no measurable nDCG@10 change (scifact train and test, cranfield); the segment cache
     # stays float16, so changing it re-encodes nothing
     token_codec: str = DEFAULT_TOKEN_CODEC
 
@@ -103,10 +109,10 @@ class IndexConfig:
 
         Examples
         --------
-        >>> IndexConfig().token_codec_key(), IndexConfig(token_codec="int8").token_codec_key()
+        >>> IndexConfig(token_codec="float16").token_codec_key(), IndexConfig().token_codec_key()
         ([], [{'token_codec': 'int8'}])
         """
-        return [] if self.token_codec == DEFAULT_TOKEN_CODEC else [{"token_codec": self.token_codec}]
+        return [] if self.token_codec == SEGMENT_TOKEN_CODEC else [{"token_codec": self.token_codec}]
 
 
 def _model_dim(model_path: str) -> tuple[int, int]:
@@ -212,7 +218,7 @@ def assemble_task(
     doc_ids = corpus.docs.column("doc_id").to_pylist()
     n_chunks = seg.gather(plan, doc_ids, "chunks", out / files.CHUNKS_FILE, compression="zstd")
     # float16 vectors and FDEs barely compress; skipping compression keeps writes and loads fast
-    if token_codec == DEFAULT_TOKEN_CODEC:
+    if token_codec == SEGMENT_TOKEN_CODEC:
         n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none")
     else:
         # segments hold float16 (a codec change re-encodes nothing): gather them, then transcode in batches

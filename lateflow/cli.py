@@ -38,9 +38,13 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fde-bits", type=int, default=f.simhash_bits, help=f"SimHash bits k_sim; 2^k partitions (default {f.simhash_bits})")
     g.add_argument("--fde-proj", type=int, default=f.projection_dim, help=f"inner projection dim d_proj; 0 = none (default {f.projection_dim})")
     g.add_argument("--fde-final-dim", type=int, default=0, help="final count-sketch projection dim; 0 = none (default)")
+    g.add_argument(
+        "--fde-fill", action=argparse.BooleanOptionalAction, default=f.fill_empty_partitions,
+        help=f"fill a document's empty SimHash partitions with its nearest token (MUVERA; default {'on' if f.fill_empty_partitions else 'off'})",
+    )
     g.add_argument("--fde-seed", type=int, default=f.seed, help=f"seed of the random SimHash/projections (default {f.seed})")
     g = p.add_argument_group("ANN and run")
-    g.add_argument("--ann", choices=ANN_KINDS, default="auto", help="FAISS index: flat, hnsw, ivfpq, or auto (flat below 50k chunks)")
+    g.add_argument("--ann", choices=ANN_KINDS, default="auto", help="FAISS index: flat, hnsw, ivfpq, or auto (flat below 5,000 chunks, else hnsw)")
     g.add_argument("--shard-size", type=int, default=d.shard_size, help=f"documents per task shard (default {d.shard_size})")
     g.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad corpus records: stop (default) or skip and record in rejected.parquet")
 
@@ -95,6 +99,7 @@ def index_config_from_args(args: argparse.Namespace):
             projection_dim=args.fde_proj or None,
             final_dim=args.fde_final_dim or None,
             seed=args.fde_seed,
+            fill_empty_partitions=args.fde_fill,
         ),
         ann=ANNConfig(kind=args.ann),
         shard_size=args.shard_size,

@@ -27,10 +27,12 @@ from tasks.idf import idf_lookup
 from tasks.prf import PRFConfig, expand_query, expansion_embeddings
 from tasks.rerank import gather_rows, group_max, maxsim_candidates, maxsim_exhaustive
 
-# ANN chunks reranked per query. On scifact train (300 queries, evaluation/benchmarks/candidates_sweep.py)
-# 200 / 400 / 800 candidates found 94.3 / 97.6 / 98.9% of the exact MaxSim top-10 at a rerank cost
-# linear in the count; 400 is the knee. The nDCG@10 differences between them were within noise.
-DEFAULT_CANDIDATES = 400
+# ANN chunks reranked per query. On scifact train (300 queries, top-10 asked, unfilled FDEs, HNSW;
+# evaluation/benchmarks/candidates_sweep.py) 100 / 150 / 200 / 400 candidates found 90.0 / 93.2 /
+# 95.0 / 97.6% of the exact MaxSim top-10, at 99.44 / 99.60 / 99.54 / 99.33% of its nDCG@10 (the
+# differences are within noise) and 20 / 26 / 34 / 54 ms of search + rerank. 200 keeps a margin for
+# collections we have not seen (cranfield: 99.4% of the exact top-10 at 200) at half the cost of 400.
+DEFAULT_CANDIDATES = 200
 
 
 def set_query_threads(n: int) -> None:
@@ -46,30 +48,38 @@ def set_query_threads(n: int) -> None:
     threadpool_limits(limits=max(1, n), user_api="blas")
 
 
-TOKEN_MEMORY = ("auto", "float32", "float16")
+TOKEN_MEMORY = ("auto", "float32", "float16", "int8")
 
 
-def _token_memory_dtype(choice: str, n_values: int) -> type:
-    """float32 or float16 for a token store of ``n_values`` numbers (see :meth:`LateIndex.open`)."""
+def _token_memory_dtype(choice: str, n_values: int, codec: str = "float16") -> type:
+    """float32, float16 or int8 for a token store of ``n_values`` numbers written in ``codec`` (see :meth:`LateIndex.open`)."""
     if choice not in TOKEN_MEMORY:
         raise ValueError(f"token_memory must be one of {TOKEN_MEMORY}, got {choice!r}")
     if choice == "auto":
+        if codec != "float16":
+            return np.int8  # the codes themselves (int8) or within their own error (int4): no loss, a quarter of float32
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-        return np.float32 if 4 * n_values <= ram / 4 else np.float16
-    return np.float32 if choice == "float32" else np.float16
+        return np.float32 if 4 * n_values <= ram / 4 else np.int8
+    return {"float32": np.float32, "float16": np.float16, "int8": np.int8}[choice]
 
 
 def _load_token_store(path: Path, manifest: dict[str, Any], token_memory: str) -> files.TokenStore:
-    """The token store in its in-memory dtype (see :meth:`LateIndex.open`), whatever codec it was written in.
+    """The token store in its in-memory form (see :meth:`LateIndex.open`), whatever codec it was written in.
 
-    The dtype is chosen from the manifest's token count before reading, so a compressed store
-    (:mod:`storage.token_codec`) is decoded straight into it, without a float16 intermediate.
+    The form is chosen from the manifest's token count and codec before reading, so a compressed
+    store (:mod:`storage.token_codec`) goes straight into it, without a float16 intermediate.
     """
     tokens, dim = manifest.get("counts", {}).get("tokens"), manifest.get("model", {}).get("dim")
+    codec = manifest.get("token_store", {}).get("codec", "float16")
     if tokens is not None and dim:
-        return files.read_token_store(path, _token_memory_dtype(token_memory, int(tokens) * int(dim)))
+        return files.read_token_store(path, _token_memory_dtype(token_memory, int(tokens) * int(dim), codec))
     store = files.read_token_store(path)  # a manifest without counts: decide from the store itself
-    if _token_memory_dtype(token_memory, store.vectors.size) == np.float32:
+    wanted = _token_memory_dtype(token_memory, store.vectors.size, files.token_codec_of(path))
+    if wanted == np.int8:
+        from storage.token_codec import int8_rows
+
+        store.vectors, store.row_scale = int8_rows(store.vectors, "float16")
+    elif wanted == np.float32:
         store.vectors = store.vectors.astype(np.float32)
     return store
 
@@ -245,10 +255,13 @@ class LateIndex:
             (measured); serve concurrency by answering several queries at once instead. Bulk
             encoding and ANN builds in the same process still use every core.
         token_memory
-            ``float32``, ``float16`` or ``auto``: how the token store is held in memory (it is float16
-            on disk). MaxSim is computed in float32, and converting float16 rows on every query cost
-            about as much as the matrix product itself (numpy and torch alike, measured), so
-            ``auto`` keeps float32 when that takes at most a quarter of the machine's RAM, else float16.
+            ``float32``, ``float16``, ``int8`` or ``auto``: how the token store is held in memory.
+            MaxSim is computed in float32 products. ``int8`` keeps per-vector codes and one scale
+            per token (a quarter of float32; the kernels scale similarities instead of decoding
+            rows); converting float16 rows on every query cost about as much as the product itself
+            (numpy and torch alike, measured). ``auto``: int8 for a store written as int8 or int4
+            (the codes are what it holds anyway), else float32 when that takes at most a quarter
+            of the machine's RAM, else int8.
         """
         # a versioned index folder: read the current version's folder (resolved once, so every file
         # comes from the same version even if a new one is switched in meanwhile)
@@ -386,7 +399,7 @@ class LateIndex:
     def _score(self, query: QueryTokens, doc_indices: np.ndarray) -> "_ScoredCandidates":
         """Score every chunk of the documents; keep the chunk ids for a PRF pass."""
         chunk_ids, group_offsets = gather_rows(self.doc_chunk_offsets, doc_indices)
-        chunk_scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights)
+        chunk_scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights, self.tokens.row_scale)
         return _ScoredCandidates(chunk_ids, group_offsets, chunk_scores)
 
     def rank(
@@ -418,7 +431,9 @@ class LateIndex:
                 # tokens' part (about 4x less work than re-scoring); only documents new to the
                 # second pass are scored from scratch
                 n = len(query.vectors)
-                extra = maxsim_candidates(expanded.vectors[n:], self.tokens.vectors, self.tokens.offsets, scored.chunk_ids, expanded.weights[n:])
+                extra = maxsim_candidates(
+                    expanded.vectors[n:], self.tokens.vectors, self.tokens.offsets, scored.chunk_ids, expanded.weights[n:], self.tokens.row_scale
+                )
                 scores, best_chunks = scored.with_chunk_scores(scored.chunk_scores + extra).best()
                 if prf.mode == "retrieve":
                     docs, scores, best_chunks = self._merge_second_pass(
@@ -451,7 +466,7 @@ class LateIndex:
             return query
         chunk_ids, _ = gather_rows(self.doc_chunk_offsets, feedback_docs)
         rows, _ = gather_rows(self.tokens.offsets, chunk_ids)
-        expansion = expansion_embeddings(self.tokens.vectors[rows], self.tokens.token_ids[rows], self.idf, prf)
+        expansion = expansion_embeddings(self.tokens.unit_vectors(rows), self.tokens.token_ids[rows], self.idf, prf)
         vectors, weights = expand_query(query.vectors, expansion)
         # FDEs are linear in the query tokens, so weighting a token = scaling its vector in the query FDE
         return QueryTokens(vectors=vectors, token_ids=np.concatenate([query.token_ids, expansion.token_ids]), pooled=query.pooled, weights=weights)
@@ -477,7 +492,7 @@ class LateIndex:
 
     def rank_exhaustive(self, queries: Sequence[QueryTokens], k: int = 100) -> list[list[tuple[int, float, int]]]:
         """Brute-force MaxSim over every chunk of every document: the quality ceiling (no ANN)."""
-        chunk_scores = maxsim_exhaustive([q.vectors for q in queries], self.tokens.vectors, self.tokens.offsets)
+        chunk_scores = maxsim_exhaustive([q.vectors for q in queries], self.tokens.vectors, self.tokens.offsets, row_scale=self.tokens.row_scale)
         results = []
         for row in chunk_scores:
             best, arg = group_max(row, self.doc_chunk_offsets)

@@ -27,16 +27,24 @@ CACHE_DIR = ".cache"
 class TokenStore:
     """Every chunk's kept token vectors as one flat matrix with CSR offsets.
 
-    ``vectors[offsets[i]:offsets[i+1]]`` and ``token_ids[...]`` belong to chunk ``i``.
+    ``vectors[offsets[i]:offsets[i+1]]`` and ``token_ids[...]`` belong to chunk ``i``. With
+    ``row_scale``, ``vectors`` holds int8 codes and row ``r``'s unit vector is
+    ``vectors[r] * row_scale[r]`` (:func:`storage.token_codec.int8_rows`).
     """
 
     vectors: np.ndarray  # (total_tokens, dim) float16 (or the dtype asked of read_token_store), decoded
     token_ids: np.ndarray  # (total_tokens,) int32
     offsets: np.ndarray  # (n_chunks + 1,) int64
+    row_scale: np.ndarray | None = None  # (total_tokens,) float32 when vectors are int8 codes
 
     @property
     def n_chunks(self) -> int:
         return len(self.offsets) - 1
+
+    def unit_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32 unit vectors of the given rows, whatever the in-memory form."""
+        picked = np.asarray(self.vectors[rows], dtype=np.float32)
+        return picked * self.row_scale[rows, None] if self.row_scale is not None else picked
 
 
 def _read(path: Path | str, columns: list[str] | None = None) -> pa.Table:
@@ -53,6 +61,7 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16) -> Token
 
     The vectors come back as ``dtype`` whatever the file's token codec (:mod:`storage.token_codec`):
     a float16 file read as float16 is not copied; an int8 file is decoded straight into ``dtype``.
+    ``dtype=np.int8`` keeps int8 codes plus ``row_scale`` (:func:`storage.token_codec.int8_rows`).
     """
     table = _read(path, ["chunk_id", "token_ids", "embeddings"])
     chunk_ids = table.column("chunk_id").to_numpy()
@@ -68,9 +77,13 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16) -> Token
             raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
         dim = emb_col.type.value_type.list_size
         # a sliced list array may start its values past 0: honour the first offset
-        vectors = emb_col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[offsets[0] : offsets[-1]].astype(dtype, copy=False)
+        vectors = emb_col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[offsets[0] : offsets[-1]]
+        vectors = token_codec.int8_rows(vectors, "float16") if np.dtype(dtype) == np.int8 else vectors.astype(dtype, copy=False)
     token_ids = ids_col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-    return TokenStore(vectors=np.ascontiguousarray(vectors), token_ids=np.ascontiguousarray(token_ids), offsets=offsets - offsets[0])
+    vectors, row_scale = vectors if isinstance(vectors, tuple) else (vectors, None)
+    return TokenStore(
+        vectors=np.ascontiguousarray(vectors), token_ids=np.ascontiguousarray(token_ids), offsets=offsets - offsets[0], row_scale=row_scale
+    )
 
 
 def _embeddings_codec(path: str | os.PathLike, field: pa.Field) -> tuple[token_codec.TokenCodec, int]:
@@ -85,10 +98,17 @@ def _embeddings_codec(path: str | os.PathLike, field: pa.Field) -> tuple[token_c
     return spec, int(meta["dim"])
 
 
-def _binary_matrices(path: str | os.PathLike, field: pa.Field, column: pa.Array, token_offsets: np.ndarray, dtype: type) -> np.ndarray:
-    """The flat (tokens, dim) matrix behind a binary ``embeddings`` column, decoded to ``dtype`` (float16: no copy)."""
+def _binary_matrices(
+    path: str | os.PathLike, field: pa.Field, column: pa.Array, token_offsets: np.ndarray, dtype: type
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The flat (tokens, dim) matrix behind a binary ``embeddings`` column, decoded to ``dtype`` (float16: no copy).
+
+    ``dtype=np.int8``: ``(codes, row_scale)`` instead (:func:`storage.token_codec.int8_rows`).
+    """
     spec, dim = _embeddings_codec(path, field)
     stored = _stored_rows(path, column, token_offsets, spec, dim)
+    if np.dtype(dtype) == np.int8:
+        return token_codec.int8_rows(stored, spec.name, dim)
     return token_codec.decode(stored, spec.name, dtype, dim)
 
 

@@ -4,8 +4,9 @@ The token store is the biggest artifact of an index (scifact: 1.8M tokens x 384 
 float16), so its number format is an index option (``IndexConfig.token_codec``,
 ``lateflow index --token-codec``):
 
-* ``float16`` (default): 2 bytes per value, half of float32; what the encoder stage writes.
-* ``int8``: 1 byte per value, a quarter of float32. Per-vector symmetric scalar quantisation: each
+* ``float16``: 2 bytes per value, half of float32; what the encoder stage writes (the segment cache
+  keeps it, so the codec of an index can change without encoding anything again).
+* ``int8`` (default): 1 byte per value, a quarter of float32. Per-vector symmetric scalar quantisation: each
   vector is scaled so that its largest absolute component becomes 127, then rounded.
 * ``int4``: half a byte per value (two codes per byte), an eighth of float32; the same with 7.
 
@@ -16,6 +17,10 @@ changed nothing measurable on scifact and cranfield (its top-10 agreed with floa
 int4 moved nDCG@10 by -0.2% to +0.4%, within noise (top-10 agreement ~97%). Per-dimension scales
 did no better at either width and would need stored parameters; PCA needed 256 int8 coordinates
 (a sixth of float32) to stay within 1%.
+
+In memory, :func:`int8_rows` keeps any store as int8 codes plus one float32 scale per row (a
+quarter of float32 plus 4 bytes per token): the MaxSim kernels of :mod:`tasks.rerank` multiply the
+codes and scale the similarities, which is what ``LateIndex.open(token_memory="int8")`` serves.
 
 Codecs apply to the assembled index only: the segment cache keeps float16, so changing the codec
 re-encodes nothing. Readers decode at load time (:func:`decode`); MaxSim then runs on the decoded
@@ -41,7 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_TOKEN_CODEC = "float16"
+DEFAULT_TOKEN_CODEC = "int8"
+SEGMENT_TOKEN_CODEC = "float16"  # what the encoder stage writes and the segment cache keeps
 _DECODE_BLOCK_ROWS = 1 << 16  # bounds the float32 temporary of a decode (~100 MB at 384 dims)
 _NIBBLE_OFFSET = 8  # int4 codes -7..7 are stored as 1..15; 0 (code -8) never occurs, 8 is a zero pad
 
@@ -227,3 +233,32 @@ def decode(stored: np.ndarray, codec: str, dtype: type = np.float16, dim: int | 
         codes = unpack_int4(block, dim) if spec.values_per_item == 2 else block.astype(np.float32)
         out[lo : lo + _DECODE_BLOCK_ROWS] = _unit_rows(codes)
     return out
+
+
+def int8_rows(stored: np.ndarray, codec: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory int8 form of a stored token matrix: ``(codes, row_scale)`` with ``codes * row_scale`` the unit vectors.
+
+    An int8 store is kept as it is (``row_scale = 1 / ||codes||``, exactly what :func:`decode`
+    divides by); any other codec is decoded block by block and quantised per vector. Zero rows get
+    scale 0.
+
+    Examples
+    --------
+    >>> x = np.array([[0.6, 0.8], [0.0, 0.0]], dtype=np.float16)
+    >>> codes, scale = int8_rows(x, "float16")
+    >>> codes.tolist(), bool(np.allclose(codes * scale[:, None], decode(encode(x, "int8"), "int8", np.float32)))
+    ([[95, 127], [0, 0]], True)
+    """
+    spec = get_codec(codec)
+    if spec.name == "int8":
+        codes = np.ascontiguousarray(stored, dtype=np.int8)
+    else:
+        codes = np.empty((len(stored), dim if dim is not None else stored.shape[1] * spec.values_per_item), dtype=np.int8)
+        for lo in range(0, len(stored), _DECODE_BLOCK_ROWS):
+            block = decode(stored[lo : lo + _DECODE_BLOCK_ROWS], codec, np.float32, codes.shape[1])
+            codes[lo : lo + _DECODE_BLOCK_ROWS] = quantize(block, CODECS["int8"].levels)
+    scale = np.empty(len(codes), dtype=np.float32)
+    for lo in range(0, len(codes), _DECODE_BLOCK_ROWS):
+        norms = np.linalg.norm(codes[lo : lo + _DECODE_BLOCK_ROWS].astype(np.float32), axis=1)
+        scale[lo : lo + _DECODE_BLOCK_ROWS] = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return codes, scale

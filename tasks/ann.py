@@ -3,8 +3,12 @@
 FDEs are unnormalised and their inner product is the similarity estimate, so every index type here
 uses METRIC_INNER_PRODUCT, never L2 or cosine.
 
-* ``flat``: exact search; the default below 50,000 chunks (10 ms per query at 50k x 1,280 dims).
-* ``hnsw``: graph search, ~6x faster than flat at 50k, slower to build (M=32 by default).
+* ``flat``: exact search; the default below 5,000 chunks.
+* ``hnsw``: graph search, the default from 5,000 chunks: at scifact's 9,907 chunks x 10,240 dims it
+  takes 7.4 ms per query against 11-15 ms for flat (one BLAS product), finds 99% of flat's
+  candidate documents at efSearch 256 and the same nDCG@10 after the rerank; the build costs ~25 s
+  more (M=32; BENCHMARKS.md section 3). efSearch bounds the candidates it can return well: at 64
+  it found only 85% of flat's top-200 documents.
 * ``ivfpq``: inverted lists + product quantisation: ~20-30x less memory, fastest, lossy; it needs
   enough vectors to train (39 per list), so small corpora fall back to fewer lists.
 
@@ -22,7 +26,7 @@ import faiss
 import numpy as np
 
 ANN_KINDS = ("auto", "flat", "hnsw", "ivfpq")
-AUTO_FLAT_LIMIT = 50_000
+AUTO_FLAT_LIMIT = 5_000
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class ANNConfig:
             raise ValueError(f"ann kind must be one of {ANN_KINDS}, got {self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # 'auto' resolves by a threshold of this module: record it, so that changing it changes the build key
+        return {**asdict(self), "auto_flat_limit": AUTO_FLAT_LIMIT} if self.kind == "auto" else asdict(self)
 
     def resolved_kind(self, n: int) -> str:
         """The concrete index type for ``n`` vectors ('auto' picks flat for small corpora, else HNSW)."""

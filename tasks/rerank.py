@@ -1,10 +1,14 @@
 """Stage 6: exact late-interaction (MaxSim / Chamfer) scoring over stored token embeddings.
 
-The token store is one flat matrix of unit vectors (float16 on disk; float16 or float32 in memory) plus CSR
-``offsets``: set ``i`` owns rows ``offsets[i]:offsets[i+1]``. Scores are computed in float32 (numpy
-float16 matrix products are very slow on CPU) one block of rows at a time, so memory stays bounded
-whatever the corpus size. Per-set maxima use ``np.maximum.reduceat`` over the block: one BLAS call
-and one vectorised reduction per block, no Python loop per document.
+The token store is one flat matrix of unit vectors (float16 or int8 on disk; float32, float16 or int8
+in memory) plus CSR ``offsets``: set ``i`` owns rows ``offsets[i]:offsets[i+1]``. Scores are
+computed in float32 (numpy float16 matrix products are very slow on CPU) one block of rows at a
+time, so memory stays bounded whatever the corpus size. Per-set maxima use ``np.maximum.reduceat``
+over the block: one BLAS call and one vectorised reduction per block, no Python loop per document.
+
+An int8 store (``storage.token_codec.int8_rows``) holds codes whose unit vector is
+``codes * row_scale``: every kernel takes ``row_scale`` and scales the similarities, one multiply
+per (row, query token), instead of decoding the rows.
 """
 from __future__ import annotations
 
@@ -18,7 +22,17 @@ def _segment_max(sim: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(sim, starts, axis=0)
 
 
-def maxsim_kernel(query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def _similarities(tokens: np.ndarray, lo: int, hi: int, q: np.ndarray, row_scale: np.ndarray | None) -> np.ndarray:
+    """float32 (rows lo:hi) x (query tokens) inner products; rows scaled by ``row_scale`` when given."""
+    sim = np.asarray(tokens[lo:hi], dtype=np.float32) @ q.T  # no copy when already float32
+    if row_scale is not None:
+        sim *= row_scale[lo:hi, None]
+    return sim
+
+
+def maxsim_kernel(
+    query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None = None, row_scale: np.ndarray | None = None
+) -> np.ndarray:
     """Weighted MaxSim of one query against every set in a contiguous CSR slice of the store.
 
     ``score_i = sum_q w_q * max_{t in set i} <query_q, t>``. Empty sets score ``-inf``.
@@ -37,8 +51,7 @@ def maxsim_kernel(query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, we
         block_sets = np.arange(first, last)
         nonempty = block_sets[lengths[first:last] > 0]
         if len(nonempty):
-            sim = np.asarray(tokens[lo:hi], dtype=np.float32) @ q.T  # no copy when already float32
-            maxima = _segment_max(sim, offsets[nonempty] - lo)
+            maxima = _segment_max(_similarities(tokens, lo, hi, q, row_scale), offsets[nonempty] - lo)
             scores[nonempty] = maxima @ w
         first = last
     return scores
@@ -77,7 +90,12 @@ def gather_rows(offsets: np.ndarray, set_ids: np.ndarray) -> tuple[np.ndarray, n
 
 
 def maxsim_candidates(
-    query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, set_ids: np.ndarray, weights: np.ndarray | None = None
+    query: np.ndarray,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    set_ids: np.ndarray,
+    weights: np.ndarray | None = None,
+    row_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact weighted MaxSim of a query against the chosen sets (scores aligned with ``set_ids``).
 
@@ -112,7 +130,7 @@ def maxsim_candidates(
     breaks = np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1
     for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(ids)]):
         lo, hi = int(offsets[ids[first]]), int(offsets[ids[last - 1] + 1])
-        sim[row_starts[first] : row_starts[last]] = np.asarray(tokens[lo:hi], dtype=np.float32) @ q.T
+        sim[row_starts[first] : row_starts[last]] = _similarities(tokens, lo, hi, q, row_scale)
     scores[chosen] = _segment_max(sim, row_starts[:-1]) @ w
     return scores
 
@@ -135,7 +153,7 @@ def group_max(scores: np.ndarray, group_offsets: np.ndarray) -> tuple[np.ndarray
 
 
 def maxsim_exhaustive(
-    queries: list[np.ndarray], tokens: np.ndarray, offsets: np.ndarray, *, block_rows: int = 1 << 17
+    queries: list[np.ndarray], tokens: np.ndarray, offsets: np.ndarray, *, block_rows: int = 1 << 17, row_scale: np.ndarray | None = None
 ) -> np.ndarray:
     """Brute-force MaxSim of many queries against every set: the quality ceiling.
 
@@ -156,7 +174,7 @@ def maxsim_exhaustive(
         block_sets = np.arange(first, last)
         nonempty = block_sets[lengths[first:last] > 0]
         if len(nonempty):
-            sim = np.asarray(tokens[lo:hi], dtype=np.float32) @ stacked.T  # (rows, all query tokens)
+            sim = _similarities(tokens, lo, hi, stacked, row_scale)  # (rows, all query tokens)
             maxima = _segment_max(sim, offsets[nonempty] - lo)  # (sets, all query tokens)
             out[:, nonempty] = np.add.reduceat(maxima, q_offsets[:-1], axis=1).T
         first = last

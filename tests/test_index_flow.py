@@ -35,10 +35,12 @@ def test_artifacts_are_plain_parquet_and_consistent(scifact_index):
     assert chunks.num_rows == tokens.num_rows == fde.num_rows == manifest["counts"]["chunks"]
     assert chunks.column("chunk_id").to_pylist() == list(range(chunks.num_rows))
     field = tokens.schema.field("embeddings")
-    assert field.type == "large_binary" and field.metadata[b"dtype"] == b"<f2" and field.metadata[b"dim"] == b"384"
-    # plain pyarrow + numpy read a chunk's matrix: one unit vector per kept token
-    first = np.frombuffer(tokens.column("embeddings")[0].as_py(), dtype="<f2").reshape(-1, 384)
-    assert len(first) == len(tokens.column("token_ids")[0]) and np.allclose(np.linalg.norm(first.astype(np.float32), axis=1), 1, atol=2e-3)
+    # the default store: int8 codes, one byte per value
+    assert field.type == "large_binary" and field.metadata[b"dtype"] == b"|i1" and field.metadata[b"codec"] == b"int8"
+    assert field.metadata[b"dim"] == b"384" and manifest["token_store"]["share_of_float32"] == 0.25
+    # plain pyarrow + numpy read a chunk's matrix: one vector per kept token, unit length once divided by its norm
+    first = np.frombuffer(tokens.column("embeddings")[0].as_py(), dtype="|i1").reshape(-1, 384)
+    assert len(first) == len(tokens.column("token_ids")[0]) and np.abs(first).max(axis=1).tolist() == [127] * len(first)
     assert manifest["counts"]["docs"] == 60 and manifest["counts"]["chunks"] > 60  # 64-token windows split abstracts
     assert manifest["fde"]["repetitions"] == 8 and manifest["counts"]["fde_dim"] == 8 * 8 * 16
     assert {"torch", "pyarrow", "faiss-cpu"} <= set(manifest["versions"])

@@ -67,6 +67,25 @@ def test_candidates_match_full_scoring_in_any_order():
         assert got.dtype == np.float32 and np.allclose(got, full[ids], atol=1e-6)  # -inf for the empty set 1
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n_sets=st.integers(1, 20), dim=st.integers(2, 24), nq=st.integers(1, 6))
+def test_int8_codes_with_row_scale_score_like_their_decoded_rows(seed, n_sets, dim, nq):
+    """Every kernel on (codes, row_scale) equals the same kernel on codes * row_scale (the unit vectors)."""
+    from storage.token_codec import int8_rows
+
+    rng = np.random.default_rng(seed)
+    store, offsets = _store(rng, rng.integers(0, 7, size=n_sets), dim)
+    codes, scale = int8_rows(store, "float16")
+    decoded = codes.astype(np.float32) * scale[:, None]
+    q = rng.normal(size=(nq, dim)).astype(np.float32)
+    w = rng.uniform(0.1, 2, size=nq).astype(np.float32)
+    want = maxsim_kernel(q, decoded, offsets, w)
+    assert np.allclose(maxsim_kernel(q, codes, offsets, w, row_scale=scale), want, atol=1e-4)
+    ids = rng.integers(0, n_sets, size=5)
+    assert np.allclose(maxsim_candidates(q, codes, offsets, ids, w, row_scale=scale), want[ids], atol=1e-4)
+    assert np.allclose(maxsim_exhaustive([q], codes, offsets, row_scale=scale)[0], maxsim_kernel(q, decoded, offsets), atol=1e-4)
+
+
 def test_group_max_picks_first_best():
     best, arg = group_max(np.array([1.0, 5.0, 5.0, 2.0, 9.0]), np.array([0, 3, 5]))
     assert best.tolist() == [5.0, 9.0] and arg.tolist() == [1, 4]

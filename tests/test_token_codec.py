@@ -78,9 +78,9 @@ def test_unknown_codecs_are_rejected_with_the_choices():
 
     with pytest.raises(ValueError, match=r"unknown token codec 'int3': choose one of float16, int8, int4"):
         IndexConfig(token_codec="int3")
-    args = build_parser().parse_args(["index", "corpus.jsonl", "--index", "idx", "--token-codec", "int8"])
-    assert index_config_from_args(args).token_codec == "int8"
-    assert index_config_from_args(build_parser().parse_args(["index", "c", "--index", "i"])).token_codec == "float16"
+    args = build_parser().parse_args(["index", "corpus.jsonl", "--index", "idx", "--token-codec", "float16"])
+    assert index_config_from_args(args).token_codec == "float16"
+    assert index_config_from_args(build_parser().parse_args(["index", "c", "--index", "i"])).token_codec == "int8"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "corpus.jsonl", "--index", "idx", "--token-codec", "int3"])
 
@@ -170,7 +170,9 @@ def test_an_index_records_its_codec_opens_and_searches_like_float16(codec_indexe
     sizes = {name: manifests[name]["files"][files.TOKENS_FILE]["bytes"] for name in (codec, "float16")}
     assert sizes[codec] < 0.7 * sizes["float16"]  # the vectors shrink; token ids and pooled vectors stay
     index, reference = LateIndex.open(root / codec), LateIndex.open(root / "float16", token_memory="float32")
-    assert index.tokens.vectors.dtype == np.float32 and LateIndex.open(root / codec, token_memory="float16").tokens.vectors.dtype == np.float16
+    # a compressed store stays compressed in memory by default: int8 codes and one scale per token
+    assert index.tokens.vectors.dtype == np.int8 and index.tokens.row_scale.dtype == np.float32
+    assert LateIndex.open(root / codec, token_memory="float16").tokens.vectors.dtype == np.float16
     for query in QUERIES:
         got, want = index.search(query, k=5), reference.search(query, k=5)
         assert got[0].doc_id == want[0].doc_id
@@ -178,12 +180,44 @@ def test_an_index_records_its_codec_opens_and_searches_like_float16(codec_indexe
         assert len({h.doc_id for h in got} & {h.doc_id for h in want}) >= 4
 
 
+@pytest.mark.parametrize("codec", ["float16", "int8", "int4"])
+def test_int8_in_memory_answers_like_the_decoded_store(codec_indexes, codec):
+    """token_memory="int8" scores with codes x row scale: the same ranking as the float32 store of that file,
+    within the int8 error for float16/int4 files and to float rounding for an int8 file (the same numbers)."""
+    from lateflow.engine import LateIndex
+    from tasks.prf import PRFConfig
+
+    root, _ = codec_indexes
+    compact, decoded = LateIndex.open(root / codec, token_memory="int8"), LateIndex.open(root / codec, token_memory="float32")
+    assert compact.tokens.vectors.dtype == np.int8 and decoded.tokens.row_scale is None
+    rows = np.arange(0, len(decoded.tokens.vectors), 7)
+    error = np.linalg.norm(compact.tokens.unit_vectors(rows) - decoded.tokens.vectors[rows], axis=1)
+    assert error.max() <= (1e-5 if codec == "int8" else 2 * float(token_codec.error_bound(decoded.tokens.vectors[rows], "int8").max()))
+    queries = [compact.encode(q) for q in QUERIES]
+    exact_compact, exact_decoded = compact.rank_exhaustive(queries, 5), decoded.rank_exhaustive(queries, 5)
+    for query, got, want in zip(queries, exact_compact, exact_decoded):
+        assert got[0][0] == want[0][0]
+        assert abs(got[0][1] - want[0][1]) <= (1e-4 if codec == "int8" else SCORE_TOLERANCE_PER_QUERY_TOKEN["int8"]) * len(query.vectors)
+    for query in QUERIES:  # the default search and a PRF search (which reads feedback tokens back) agree too
+        tolerance = SCORE_TOLERANCE_PER_QUERY_TOKEN["int8"] * len(compact.encode(query).vectors)
+        for prf in (None, PRFConfig()):
+            got, want = compact.search(query, k=5, prf=prf), decoded.search(query, k=5, prf=prf)
+            # LIMIT has near ties (two people who like Quokkas: 3.505 vs 3.502): their order may swap,
+            # but the top hit must be a best hit of the reference, within the codec's error
+            reference = {h.doc_id: h.score for h in want}
+            assert reference.get(got[0].doc_id, -np.inf) >= want[0].score - 2 * tolerance
+            assert len(set(reference) & {h.doc_id for h in got}) >= 4
+
+
+# last: it switches the int8 folder back to float16
 def test_switching_the_codec_back_makes_a_new_version_and_encodes_nothing(codec_indexes, limit_small):
     from flows.index import index_flow
     from tests.conftest import small_index_config
 
     root, manifests = codec_indexes
-    again = index_flow(str(limit_small), str(root / "int8"), small_index_config(), cache=str(root / "cache"))
+    assert small_index_config().token_codec == "int8"  # the default
+    again = index_flow(str(limit_small), str(root / "int8"), replace(small_index_config(), token_codec="float16"), cache=str(root / "cache"))
     assert again["token_store"]["codec"] == "float16" and again["build_key"] == manifests["float16"]["build_key"]
     assert again["incremental"]["segments_encoded"] == 0
     assert files.token_codec_of(resolve_index_dir(root / "int8") / files.TOKENS_FILE) == "float16"
+

@@ -109,7 +109,8 @@ def build_variant(index_dir: Path, out: Path) -> Path:
         precision=enc["precision"],
         drop_punctuation=enc["drop_punctuation"],
         batch_tokens=enc.get("batch_tokens", IndexConfig().batch_tokens),
-        fde=FDEParams(repetitions=fde["repetitions"], simhash_bits=fde["simhash_bits"], projection_dim=fde["projection_dim"], final_dim=fde["final_dim"], seed=fde["seed"] + 1),
+        fde=FDEParams(repetitions=fde["repetitions"], simhash_bits=fde["simhash_bits"], projection_dim=fde["projection_dim"], final_dim=fde["final_dim"], seed=fde["seed"] + 1,
+                      fill_empty_partitions=fde.get("fill_empty_partitions", True)),
         ann=ANNConfig(kind=manifest["ann"].get("kind", "auto")),
         shard_size=_inferred_shard_size(index_dir),
     )

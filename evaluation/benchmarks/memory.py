@@ -546,6 +546,11 @@ def study(
     from storage import index_files as files
 
     codecs = ["float16", *[c for c in codecs if c != "float16"]]  # float16 first: the reference of every comparison
+    from storage.manifest import resolve_index_dir
+
+    stored = files.token_codec_of(resolve_index_dir(Path(index_dir)) / files.TOKENS_FILE)
+    if stored != "float16":
+        raise SystemExit(f"{index_dir}: its token store is {stored}; the study needs the encoder's float16 vectors (lateflow index --token-codec float16)")
     dataset = subsample(load_dataset(dataset_dir, split), max_queries)
     before = _rss()
     index = LateIndex.open(index_dir, token_memory="float16")

@@ -10,12 +10,16 @@ Steps (each also runs on its own; see its module):
 2. :mod:`evaluation.benchmarks.pipeline`: indexing throughput of the flow against the bare encoder,
    and fde-rerank against brute-force latency;
 3. :mod:`evaluation.benchmarks.precision`: fp32 / bf16 / int8 encoders on speed and nDCG@10;
-4. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
+4. :mod:`evaluation.benchmarks.candidates_sweep`: candidates vs nDCG@10 and latency on scifact
+   train, for the default index and its variants with filled FDEs and/or a flat ANN (built into
+   ``WORK/scifact-*`` from the same segment cache: FDE stage and ANN only);
+5. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
    the token heuristic; tuned on train, reported on test);
-5. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
+6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
    ``--large``) documents with flat, HNSW and IVF-PQ FDE indexes;
-6. :mod:`evaluation.benchmarks.memory`: bytes per document and token-store / FDE-index compression
-   against nDCG@10.
+7. :mod:`evaluation.benchmarks.memory`: bytes per document and token-store / FDE-index compression
+   against nDCG@10, on scifact test and cranfield (indexes with ``--token-codec float16``, the
+   encoder's own vectors, which the study compresses).
 
 Every step writes ``reports/benchmarks/<name>.{md,json}``; BENCHMARKS.md quotes them. Run nothing
 else heavy meanwhile: the machine's two cores are the instrument.
@@ -31,6 +35,16 @@ from flows.settings import apply_quiet_defaults
 apply_quiet_defaults()
 
 REPORTS = Path("reports") / "benchmarks"
+STEPS = ["pipeline", "precision", "sweep", "candidates", "scaling", "memory"]
+
+
+def _variant(dataset: Path, work: Path, name: str, options: list[str]) -> str:
+    """Index ``dataset`` into ``WORK/<name>`` with extra options, from the default index's segment cache."""
+    from lateflow.cli import main as lateflow_main
+
+    folder = work / name
+    _step(f"index {name}", lateflow_main, ["index", str(dataset), "--index", str(folder), "--cache", str(work / dataset.name / ".cache"), *options])
+    return str(folder)
 
 
 def _step(name: str, main, argv: list[str]) -> None:
@@ -43,19 +57,19 @@ def _step(name: str, main, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.benchmarks import candidates_table, memory, pipeline, precision, scaling
+    from evaluation.benchmarks import candidates_sweep, candidates_table, memory, pipeline, precision, scaling
     from lateflow.cli import main as lateflow_main
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, required=True, help="folder holding the BEIR datasets scifact/ (and cranfield/)")
     parser.add_argument("--work", type=Path, required=True, help="folder for the indexes the benchmarks build")
     parser.add_argument("--large", action="store_true", help="add the 100k-document scaling size")
-    parser.add_argument("--only", nargs="+", choices=["pipeline", "precision", "candidates", "scaling", "memory"], help="run only these steps")
+    parser.add_argument("--only", nargs="+", choices=STEPS, help="run only these steps")
     args = parser.parse_args(argv)
     scifact = args.datasets / "scifact"
     index = args.work / "scifact"
     REPORTS.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.only or ["pipeline", "precision", "candidates", "scaling", "memory"])
+    wanted = set(args.only or STEPS)
     _step("index scifact", lateflow_main, ["index", str(scifact), "--index", str(index)])
     if "pipeline" in wanted:
         _step("pipeline", pipeline.main, [
@@ -69,7 +83,17 @@ def main(argv: list[str] | None = None) -> int:
             fp32.symlink_to(index.resolve(), target_is_directory=True)  # the default index is the fp32 one
         _step("precision", precision.main, [
             str(scifact), "--index-root", str(args.work / "precision"), "--chunks", "600", "--splits", "train", "test",
-            "--max-queries", "100", "--out", str(REPORTS / "precision-scifact.md"),
+            "--max-queries", "200", "--out", str(REPORTS / "precision-scifact.md"),
+        ])
+    if "sweep" in wanted:
+        variants = [
+            _variant(scifact, args.work, "scifact-fill", ["--fde-fill"]),
+            _variant(scifact, args.work, "scifact-flat", ["--ann", "flat"]),
+            _variant(scifact, args.work, "scifact-fill-flat", ["--fde-fill", "--ann", "flat"]),
+        ]
+        _step("candidates sweep", candidates_sweep.main, [
+            str(scifact), "--index", str(index), "--also", *variants, "--split", "train", "--max-queries", "300", "--depth", "10",
+            "--candidates", "50", "100", "150", "200", "300", "400", "--out", str(REPORTS / "candidates-sweep-scifact-train-k10.md"),
         ])
     if "candidates" in wanted:
         _step("candidates table", candidates_table.main, [
@@ -83,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
         ])
     if "memory" in wanted:
-        _step("memory", memory.main, [str(scifact), "--index", str(index), "--split", "test", "--out", str(REPORTS / "memory-scifact.md")])
+        float16 = _variant(scifact, args.work, "scifact-float16", ["--token-codec", "float16"])
+        _step("memory", memory.main, [str(scifact), "--index", float16, "--split", "test", "--out", str(REPORTS / "memory-scifact.md")])
+        cranfield = args.datasets / "cranfield"
+        _step("index cranfield", lateflow_main, ["index", str(cranfield), "--index", str(args.work / "cranfield")])
+        cranfield16 = _variant(cranfield, args.work, "cranfield-float16", ["--token-codec", "float16"])
+        _step("memory cranfield", memory.main, [
+            str(cranfield), "--index", cranfield16, "--split", "test", "--codecs", "int8", "int4", "int4-dim@98", "pca256-int8",
+            "--fde-indexes", "flat", "sq8", "binary", "--out", str(REPORTS / "memory-cranfield.md"),
+        ])
     return 0
 
 

@@ -59,31 +59,62 @@ def encoder_speeds(corpus: str, n_chunks: int, precisions: list[str]) -> dict[st
 
 
 def index_quality(corpus: str, dataset_dir: str, index_dir: Path, precision: str, splits: list[str], max_queries: int | None) -> dict[str, Any]:
-    """Index the corpus at ``precision`` (unless done) and score maxsim-exact and fde-rerank on each split."""
+    """Index the corpus at ``precision`` (unless done) and score maxsim-exact and fde-rerank on each split.
+
+    The rankings are kept in ``INDEX_ROOT/runs/<precision>-<split>.json`` with the index's build key,
+    so a later run (another precision added, say) scores and compares without brute force again.
+    """
+    import json
     from dataclasses import replace
 
     from evaluation.datasets import load_dataset, subsample
     from evaluation.scoring import score_run, to_qrels, to_run
     from flows.index import IndexConfig, index_flow
     from lateflow.engine import DEFAULT_CANDIDATES, LateIndex
+    from storage.atomic import write_json
 
     manifest = index_flow(corpus, str(index_dir), replace(IndexConfig(), precision=precision))
-    index = LateIndex.open(index_dir)
-    out: dict[str, Any] = {"build_seconds": manifest["build_seconds"], "splits": {}}
+    index = None
+    out: dict[str, Any] = {"build_seconds": manifest["build_seconds"], "splits": {}, "runs": {}}
     for split in splits:
         dataset = subsample(load_dataset(dataset_dir, split), max_queries if split != "test" else None)
         qrels = to_qrels(dataset.qrels)
         qids = list(dataset.queries)
-        encoded = index.encode_many([dataset.queries[q] for q in qids])
-        # brute force in batches of queries (one pass over the store per batch): same scores, less time
-        exact = [ranked for i in range(0, len(encoded), 16) for ranked in index.rank_exhaustive(encoded[i : i + 16], DEPTH)]
-        fast = [index.rank(q, DEPTH, candidates=DEFAULT_CANDIDATES) for q in encoded]
-        scores = {}
-        for system, ranked_lists in (("maxsim-exact", exact), ("fde-rerank", fast)):
-            run = {qid: {index.doc_ids[d]: s for d, s, _ in ranked} for qid, ranked in zip(qids, ranked_lists)}
-            scores[system] = score_run(qrels, to_run(run, f"{system}-{precision}"))["ndcg@10"]
-        out["splits"][split] = {"queries": len(dataset.queries), **scores}
+        cached = index_dir.parent / "runs" / f"{precision}-{split}.json"
+        saved = json.loads(cached.read_text()) if cached.is_file() else {}
+        if saved.get("build_key") != manifest["build_key"] or saved.get("qids") != qids or saved.get("candidates") != DEFAULT_CANDIDATES:
+            index = index or LateIndex.open(index_dir)
+            encoded = index.encode_many([dataset.queries[q] for q in qids])
+            # brute force in batches of queries (one pass over the store per batch): same scores, less time
+            exact = [ranked for i in range(0, len(encoded), 16) for ranked in index.rank_exhaustive(encoded[i : i + 16], DEPTH)]
+            fast = [index.rank(q, DEPTH, candidates=DEFAULT_CANDIDATES) for q in encoded]
+            saved = {"build_key": manifest["build_key"], "qids": qids, "candidates": DEFAULT_CANDIDATES, "runs": {
+                system: {qid: {index.doc_ids[d]: float(s) for d, s, _ in ranked} for qid, ranked in zip(qids, lists)}
+                for system, lists in (("maxsim-exact", exact), ("fde-rerank", fast))
+            }}
+            write_json(saved, cached)
+        scores = {system: score_run(qrels, to_run(run, f"{system}-{precision}"))["ndcg@10"] for system, run in saved["runs"].items()}
+        out["splits"][split] = {"queries": len(qids), **scores}
+        out["runs"][split] = saved["runs"]
         print(f"{precision} {split}: " + ", ".join(f"{k} nDCG@10 {v:.4f}" for k, v in scores.items()), flush=True)
+    return out
+
+
+def compare_to_fp32(dataset_dir: str, quality: dict[str, Any], splits: list[str], max_queries: int | None) -> dict[str, Any]:
+    """Paired t-test of every precision against fp32, per split and system (Bonferroni over the precisions)."""
+    from evaluation.datasets import load_dataset, subsample
+    from evaluation.scoring import significance, to_qrels, to_run
+
+    if "fp32" not in quality or len(quality) < 2:
+        return {}
+    out: dict[str, Any] = {}
+    for split in splits:
+        qrels = to_qrels(subsample(load_dataset(dataset_dir, split), max_queries if split != "test" else None).qrels)
+        for system in ("maxsim-exact", "fde-rerank"):
+            runs = {p: to_run(q["runs"][split][system], p) for p, q in quality.items()}
+            tested = significance(qrels, runs, "fp32", metrics=("ndcg@10",))
+            for p, result in tested.get("systems", {}).items():
+                out.setdefault(p, {}).setdefault(split, {})[system] = result["ndcg@10"]
     return out
 
 
@@ -92,7 +123,8 @@ def render(report: dict[str, Any]) -> str:
     head = "| precision | encoder tokens/s | vs fp32 | " + " | ".join(f"{s}: maxsim-exact | {s}: fde-rerank" for s in splits) + " |"
     lines = [
         f"Encoder precision on {report['dataset']} ({report['chunks']} chunks for speed; nDCG@10 on whole-corpus indexes; "
-        f"machine: {report['machine']}).",
+        f"machine: {report['machine']}). Beside each nDCG@10: its change against fp32 and the paired t-test's p-value "
+        "(Bonferroni over the precisions; * below 0.05).",
         "",
         head,
         "|---|---|---|" + "---|---|" * len(splits),
@@ -102,7 +134,16 @@ def render(report: dict[str, Any]) -> str:
         cells = [p, f"{speed:.0f}", f"{speed / base:.2f}x" if base else "-"]
         for s in splits:
             q = report["quality"].get(p, {}).get("splits", {}).get(s)
-            cells += [f"{q['maxsim-exact']:.4f}", f"{q['fde-rerank']:.4f}"] if q else ["-", "-"]
+            for system in ("maxsim-exact", "fde-rerank"):
+                if not q:
+                    cells.append("-")
+                    continue
+                cell = f"{q[system]:.4f}"
+                test = report.get("vs_fp32", {}).get(p, {}).get(s, {}).get(system)
+                if test:
+                    change = q[system] / report["quality"]["fp32"]["splits"][s][system] - 1
+                    cell += f" ({change:+.2%}, p={test['p_bonferroni']:.3f}{'*' if test['significant'] else ''})"
+                cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.speed_only:
         for p in args.quality_precisions or args.precisions:
             quality[p] = index_quality(args.dataset, args.dataset, args.index_root / p, p, args.splits, args.max_queries)
+    vs_fp32 = compare_to_fp32(args.dataset, quality, args.splits, args.max_queries)
+    for q in quality.values():
+        q.pop("runs")  # kept in INDEX_ROOT/runs, not in the report
     report = {
         "dataset": Path(args.dataset).name,
         "machine": machine_line(machine),
@@ -135,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "splits": [] if args.speed_only else args.splits,
         "speeds": speeds,
         "quality": quality,
+        "vs_fp32": vs_fp32,
     }
     print_and_save(render(report), report, args.out)
     return 0

@@ -52,10 +52,10 @@ of dim 384, float16), which is only read.
 
 Why so short: 100k scifact-like documents (1.9 chunks of 179 tokens each) would hold ~34M token
 vectors, 26 GB in float16; this machine has 24 GB shared with other work. The engine keeps the
-store in memory (float32 when that takes at most a quarter of RAM, else float16: ``token_memory``
+store in memory (int8 here, ``--token-memory``, as a default index is served; see ``token_memory``
 in :meth:`LateIndex.open`), and reading ``tokens.parquet`` peaks at ~2.5x the store's float16 size
 (Parquet decode buffers; measured), so at 100k the store must stay near 5 GB: 1.77M real + ~4.55M
-synthetic rows = ~6.3M rows, 4.9 GB in float16 (held as float16 by ``auto``). ``tokens.parquet`` is
+synthetic rows = ~6.3M rows, 4.9 GB in float16 (2.4 GB held as int8). ``tokens.parquet`` is
 written as one row group (a multi-row-group file costs one more copy of the store when the engine
 combines the column's chunks).
 
@@ -660,7 +660,8 @@ def corpus_key(source: Source, n_docs: int, recipe: SyntheticRecipe, split: str)
     """The reuse key of a corpus: source index, size, split (judged documents), recipe and its version."""
     from storage.hashing import stable_key
 
-    described = {"source_index_id": source.index_id, "docs": n_docs, "split": split, "recipe": recipe.to_dict(), "recipe_version": RECIPE_VERSION}
+    # the source's build key, not just its id: a rebuilt source (new FDE defaults, say) must not reuse old folders
+    described = {"source_index_id": source.index_id, "source_build_key": source.manifest.get("build_key"), "docs": n_docs, "split": split, "recipe": recipe.to_dict(), "recipe_version": RECIPE_VERSION}
     return stable_key(described), described
 
 
@@ -753,13 +754,17 @@ def _as_run(index, ranked: list[tuple[int, float, int]]) -> dict[str, float]:
     return {index.doc_ids[d]: float(s) for d, s, _ in ranked}
 
 
-def open_index(folder: Path):
-    """Open an index folder as a user would (one query thread), then return freed memory to the OS."""
+def open_index(folder: Path, token_memory: str = "int8"):
+    """Open an index folder as a user would (one query thread), then return freed memory to the OS.
+
+    The corpora are written as float16 (one row group, see the module docstring), so the default
+    ``token_memory="int8"`` serves them as a default index (int8 store) is served: int8 in memory.
+    """
     from lateflow.engine import LateIndex
 
     release_memory()
     reset_peak_rss()
-    index, seconds = _timed(lambda: LateIndex.open(folder))
+    index, seconds = _timed(lambda: LateIndex.open(folder, token_memory=token_memory))
     load_peak = peak_rss_gib()
     release_memory()
     return index, {"open_seconds": round(seconds / 1000, 1), "open_peak_rss_gib": load_peak, "rss_after_open_gib": rss_gib(), "token_dtype": str(index.tokens.vectors.dtype)}
@@ -918,7 +923,7 @@ def measure_size(size_label: str, manifests: dict[str, dict[str, Any]], folders:
     """Every ANN kind of one corpus size: latency, quality, memory; maxsim-exact beside the first kind."""
     rows, exact = [], None
     for kind, folder in folders.items():
-        index, memory = open_index(folder)
+        index, memory = open_index(folder, args.token_memory)
         n_docs = len(index)
         with_exact = exact is None
         reset_peak_rss()
@@ -1159,6 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-queries", type=int, default=100, help="queries timed for p50/p95 (default 100)")
     parser.add_argument("--exact-all-max-docs", type=int, default=20000, help="above this many documents maxsim-exact runs on the latency queries only (default 20000)")
     parser.add_argument("--exact-batch", type=int, default=16, help="queries per brute-force batch for the untimed nDCG runs (default 16)")
+    parser.add_argument("--token-memory", default="int8", choices=["int8", "float32", "float16", "auto"], help="LateIndex token_memory (default int8: as a default index, whose store is int8, is served)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up queries per opened index (default 3)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="SIZE:KIND", help="profile fde-rerank with pyinstrument on these configurations, e.g. full:flat 100000:hnsw")
     parser.add_argument("--merge", action="store_true", help="keep the rows of other sizes already in the --out JSON (e.g. add 100k to a 1k-10k run)")
