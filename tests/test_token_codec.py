@@ -221,3 +221,15 @@ def test_switching_the_codec_back_makes_a_new_version_and_encodes_nothing(codec_
     assert again["incremental"]["segments_encoded"] == 0
     assert files.token_codec_of(resolve_index_dir(root / "int8") / files.TOKENS_FILE) == "float16"
 
+
+
+def test_token_memory_auto_keeps_compressed_stores_compressed_and_never_overfills_ram():
+    from lateflow.engine import _token_memory_dtype
+
+    assert _token_memory_dtype("auto", 1_000, "int8") == np.int8
+    assert _token_memory_dtype("auto", 1_000, "int4") == np.int8
+    assert _token_memory_dtype("auto", 1_000, "float16") == np.float32  # small: widened once, fastest brute force
+    assert _token_memory_dtype("auto", 1 << 62, "float16") == np.int8  # larger than a quarter of any RAM
+    assert _token_memory_dtype("float16", 1_000, "int8") == np.float16
+    with pytest.raises(ValueError, match="token_memory must be one of"):
+        _token_memory_dtype("bfloat16", 1_000)
