@@ -15,7 +15,7 @@ apply_quiet_defaults()
 def _add_index_options(p: argparse.ArgumentParser) -> None:
     from flows.index import FDEParams, IndexConfig
     from storage.token_codec import TOKEN_CODECS
-    from tasks.ann import ANN_KINDS
+    from tasks.ann import ANN_KINDS, HNSW_STORAGES, ANNConfig as _ANN
     from tasks.chunk import ChunkConfig
 
     d, c, f = IndexConfig(), ChunkConfig(), FDEParams()
@@ -45,6 +45,10 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fde-seed", type=int, default=f.seed, help=f"seed of the random SimHash/projections (default {f.seed})")
     g = p.add_argument_group("ANN and run")
     g.add_argument("--ann", choices=ANN_KINDS, default="auto", help="FAISS index: flat, hnsw, ivfpq, or auto (flat below 5,000 chunks, else hnsw)")
+    g.add_argument(
+        "--hnsw-storage", choices=tuple(HNSW_STORAGES), default=_ANN.hnsw_storage,
+        help=f"how HNSW holds the FDEs: sq8 (a quarter of float32), fp16 or flat float32 (default {_ANN.hnsw_storage})",
+    )
     g.add_argument("--shard-size", type=int, default=d.shard_size, help=f"documents per task shard (default {d.shard_size})")
     g.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad corpus records: stop (default) or skip and record in rejected.parquet")
 
@@ -101,7 +105,7 @@ def index_config_from_args(args: argparse.Namespace):
             seed=args.fde_seed,
             fill_empty_partitions=args.fde_fill,
         ),
-        ann=ANNConfig(kind=args.ann),
+        ann=ANNConfig(kind=args.ann, hnsw_storage=args.hnsw_storage),
         shard_size=args.shard_size,
         device=args.device,
         on_error=args.on_error,
@@ -211,11 +215,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         from service.client import search_remote
 
         prf_body = {k: v for k, v in prf.to_dict().items() if k in ("fb_docs", "k", "fb_embs", "beta", "mode")} if prf else False
-        answer = search_remote(args.server, args.query, k=args.k, candidates=args.candidates, prf=prf_body, filter=filters)
+        answer = search_remote(args.server, args.query, k=args.k, candidates=args.candidates, scope=args.scope, prf=prf_body, filter=filters)
         print_hits([SearchHit(**hit) for hit in answer["results"]], args.json)
         return 0
     index = LateIndex.open(args.index, device=args.device)
-    print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf, filter=filters), args.json)
+    print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf, filter=filters, scope=args.scope), args.json)
     return 0
 
 
@@ -294,7 +298,7 @@ def _system_names() -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from evaluation.demo import DEMO_QUERY_COUNT
-    from lateflow.engine import DEFAULT_CANDIDATES
+    from lateflow.engine import DEFAULT_CANDIDATES, DEFAULT_RERANK_SCOPE, RERANK_SCOPES
 
     parser = argparse.ArgumentParser(prog="lateflow", description="Multi-vector retrieval: MUVERA FDE + FAISS + exact MaxSim, as Prefect flows.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -336,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE", help="keep documents whose metadata FIELD equals VALUE (JSON or text); repeat a field for any of")
     p.add_argument("-k", type=int, default=10, help="documents to return (default 10)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates to rerank (default {DEFAULT_CANDIDATES})")
+    p.add_argument(
+        "--scope", choices=RERANK_SCOPES, default=DEFAULT_RERANK_SCOPE,
+        help=f"rerank only the retrieved chunks, or every chunk of their documents (default {DEFAULT_RERANK_SCOPE})",
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     _add_prf_options(p, with_switch=True)

@@ -1,9 +1,9 @@
 """The loaded index: one in-process object that answers queries without the Prefect engine.
 
 It holds the encoder, the FDE parameters, the FAISS index over chunk FDEs and the token store.
-A query is encoded, turned into a query FDE, the ANN returns the top ``candidates`` chunks, their
-documents become the candidate set, every chunk of those documents is re-scored by exact MaxSim,
-and a document's score is the best of its chunks. The CLI, the batch flows and the HTTP service all
+A query is encoded, turned into a query FDE, the ANN returns the top ``candidates`` chunks, those
+chunks are re-scored by exact MaxSim (with ``scope="documents"``: every chunk of their documents),
+and a document's score is the best of its scored chunks. The CLI, the batch flows and the HTTP service all
 go through :class:`LateIndex`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from storage import index_files as files
 from storage.manifest import IndexFormatError, read_manifest, resolve_index_dir
 from tasks.ann import ANNConfig, configure_search, search_ann, to_device
-from tasks.encode import EncoderConfig, load_encoder, resolve_model_path
+from tasks.encode import PRECISIONS, EncoderConfig, load_encoder, resolve_model_path
 from tasks.fde import FDEConfig, encode_query
 from tasks.idf import idf_lookup
 from tasks.prf import PRFConfig, expand_query, expansion_embeddings
@@ -34,6 +34,15 @@ from tasks.rerank import gather_rows, group_max, maxsim_candidates, maxsim_exhau
 # smallest count that finds >= 97% of the exact top-10 on train: 400. (200 looked free on train,
 # 99.5% of exact nDCG@10, but cost 1.3% on scifact test, where it found 93.7% of the exact top-10.)
 DEFAULT_CANDIDATES = 400
+
+# What the exact rerank scores: "chunks" = only the chunks the ANN returned (a document scores as its
+# best retrieved chunk); "documents" = every chunk of every candidate document. On scifact train
+# (300 queries, top-10, evaluation/benchmarks/candidates_sweep.py --scopes) chunk scope reranks ~2/3
+# of the token rows and is the better trade at every count: 400 chunks found 97.0% of the exact
+# top-10 in 41 ms against 96.6% for 300 candidates' whole documents in 46 ms (97.5% at 400 in 55
+# ms), at nDCG@10 within noise; on scifact test both scopes score 0.7325 at 400 candidates.
+RERANK_SCOPES = ("chunks", "documents")
+DEFAULT_RERANK_SCOPE = "chunks"
 
 
 def set_query_threads(n: int) -> None:
@@ -188,9 +197,13 @@ class LateIndex:
     """
 
     def __init__(
-        self, path: Path, manifest: dict[str, Any], device: str | None = None, ann: ANNConfig | None = None, token_memory: str = "auto"
+        self, path: Path, manifest: dict[str, Any], device: str | None = None, ann: ANNConfig | None = None, token_memory: str = "auto",
+        query_precision: str | None = None,
     ) -> None:
+        if query_precision is not None and query_precision not in PRECISIONS:
+            raise ValueError(f"query_precision must be one of {PRECISIONS} or None, got {query_precision!r}")
         self.path = path
+        self.query_precision = query_precision or manifest["encoding"]["precision"]
         self.manifest = manifest
         self.device = device
         self.fde_config = FDEConfig.from_dict(manifest["fde"])
@@ -235,7 +248,7 @@ class LateIndex:
     @classmethod
     def open(
         cls, path: str | os.PathLike, *, device: str | None = None, verify: bool = False, ann: ANNConfig | None = None,
-        query_threads: int | None = 1, token_memory: str = "auto",
+        query_threads: int | None = 1, token_memory: str = "auto", query_precision: str | None = None,
     ) -> "LateIndex":
         """Open an index folder built by ``lateflow index``.
 
@@ -263,6 +276,11 @@ class LateIndex:
             (numpy and torch alike, measured). ``auto``: int8 for a store written as int8 or int4
             (the codes are what it holds anyway), else float32 when that takes at most a quarter
             of the machine's RAM, else int8.
+        query_precision
+            Precision of the query encoder (``fp32``, ``bf16``, ``int8``; None: the precision the
+            documents were encoded at). See BENCHMARKS.md section 5.3 before changing it: a query
+            encoder at another precision than the documents' is faster but moves the query
+            vectors away from the ones the index was built for.
         """
         # a versioned index folder: read the current version's folder (resolved once, so every file
         # comes from the same version even if a new one is switched in meanwhile)
@@ -270,7 +288,7 @@ class LateIndex:
         manifest = read_manifest(path, verify_hashes=verify)
         if query_threads is not None:
             set_query_threads(query_threads)
-        return cls(path, manifest, device=device, ann=ann, token_memory=token_memory)
+        return cls(path, manifest, device=device, ann=ann, token_memory=token_memory, query_precision=query_precision)
 
     @property
     def encoder(self):
@@ -282,7 +300,7 @@ class LateIndex:
                     config = EncoderConfig(
                         # "default" resolves through the installed package, so an index moves between machines
                         model_path=resolve_model_path(self.manifest["model"].get("spec") or self.manifest["model"]["path"]),
-                        precision=enc["precision"],
+                        precision=self.query_precision,
                         drop_punctuation=enc["drop_punctuation"],
                         max_query_tokens=enc.get("max_query_tokens", 128),
                     )
@@ -388,20 +406,43 @@ class LateIndex:
 
         ``allowed`` (a mask over documents, see :meth:`filter_mask`) restricts them to matching documents.
         """
+        return self._candidates(query, candidates, min_docs, allowed)[0]
+
+    def _candidates(self, query: QueryTokens, candidates: int, min_docs: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate documents (first-seen order) and the chunk rows the ANN returned for them."""
         _, rows = self._search_chunks(query, candidates, min_docs, allowed)
         docs = self.chunk_doc[rows]
         _, first = np.unique(docs, return_index=True)
-        return docs[np.sort(first)]
+        return docs[np.sort(first)], rows
 
     def score_documents(self, query: QueryTokens, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact (weighted) MaxSim of every chunk of the given documents; (best score, best chunk) per doc."""
         return self._score(query, doc_indices).best()
 
-    def _score(self, query: QueryTokens, doc_indices: np.ndarray) -> "_ScoredCandidates":
-        """Score every chunk of the documents; keep the chunk ids for a PRF pass."""
-        chunk_ids, group_offsets = gather_rows(self.doc_chunk_offsets, doc_indices)
+    def _score(self, query: QueryTokens, doc_indices: np.ndarray, chunk_rows: np.ndarray | None = None) -> "_ScoredCandidates":
+        """Score the documents' chunks (all of them, or only ``chunk_rows``); keep the chunk ids for a PRF pass."""
+        if chunk_rows is None:
+            chunk_ids, group_offsets = gather_rows(self.doc_chunk_offsets, doc_indices)
+        else:
+            chunk_ids, group_offsets = self._group_chunks(doc_indices, chunk_rows)
+        return self._score_chunks(query, chunk_ids, group_offsets)
+
+    def _score_chunks(self, query: QueryTokens, chunk_ids: np.ndarray, group_offsets: np.ndarray) -> "_ScoredCandidates":
         chunk_scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights, self.tokens.row_scale)
         return _ScoredCandidates(chunk_ids, group_offsets, chunk_scores)
+
+    def _group_chunks(self, doc_indices: np.ndarray, chunk_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``chunk_rows`` (each a chunk of one of ``doc_indices``) grouped by document in ``doc_indices`` order.
+
+        Returns the chunk ids and offsets such that document i owns ``chunk_ids[offsets[i]:offsets[i+1]]``.
+        """
+        rows = np.unique(chunk_rows)
+        doc_order = np.argsort(doc_indices, kind="stable")
+        owner = doc_order[np.searchsorted(doc_indices, self.chunk_doc[rows], sorter=doc_order)]
+        group = np.argsort(owner, kind="stable")
+        offsets = np.zeros(len(doc_indices) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owner, minlength=len(doc_indices)), out=offsets[1:])
+        return rows[group], offsets
 
     def rank(
         self,
@@ -411,17 +452,23 @@ class LateIndex:
         candidates: int = DEFAULT_CANDIDATES,
         prf: PRFConfig | None = None,
         filter: Mapping[str, Any] | None = None,
+        scope: str = DEFAULT_RERANK_SCOPE,
     ) -> list[tuple[int, float, int]]:
         """FDE + ANN candidates, exact MaxSim rerank, optional ColBERT-PRF.
 
         Returns ``(doc index, score, best chunk id)``, best first. With ``prf`` in ``rerank`` mode the
         first-pass candidates are re-scored with the expanded query; in ``retrieve`` mode the expanded
         query goes through FDE + ANN again and its candidates are re-scored with it. With ``filter``
-        (see :meth:`filter_mask`) only matching documents are candidates, in both passes.
+        (see :meth:`filter_mask`) only matching documents are candidates, in both passes. ``scope``
+        (see ``RERANK_SCOPES``) says whether every chunk of a candidate document is scored or only
+        the chunks the ANN returned.
         """
+        if scope not in RERANK_SCOPES:
+            raise ValueError(f"scope must be one of {RERANK_SCOPES}, got {scope!r}")
+        only_retrieved = scope == "chunks"
         allowed = self.filter_mask(filter)
-        docs = self.candidate_documents(query, candidates, min_docs=k, allowed=allowed)
-        scored = self._score(query, docs)
+        docs, rows = self._candidates(query, candidates, k, allowed)
+        scored = self._score(query, docs, rows if only_retrieved else None)
         scores, best_chunks = scored.best()
         if prf is not None:
             order = np.argsort(-scores, kind="stable")
@@ -437,20 +484,28 @@ class LateIndex:
                 )
                 scores, best_chunks = scored.with_chunk_scores(scored.chunk_scores + extra).best()
                 if prf.mode == "retrieve":
+                    second_docs, second_rows = self._candidates(expanded, candidates, k, allowed)
                     docs, scores, best_chunks = self._merge_second_pass(
-                        expanded, docs, scores, best_chunks, self.candidate_documents(expanded, candidates, min_docs=k, allowed=allowed)
+                        expanded, docs, scores, best_chunks, second_docs, second_rows if only_retrieved else None
                     )
             else:
                 if prf.mode == "retrieve":
-                    docs = self.candidate_documents(expanded, candidates, min_docs=k, allowed=allowed)
-                scores, best_chunks = self.score_documents(expanded, docs)
+                    docs, rows = self._candidates(expanded, candidates, k, allowed)
+                    rescored = self._score(expanded, docs, rows if only_retrieved else None)
+                else:
+                    rescored = self._score_chunks(expanded, scored.chunk_ids, scored.group_offsets)
+                scores, best_chunks = rescored.best()
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
 
     def _merge_second_pass(
-        self, expanded: QueryTokens, first_docs: np.ndarray, first_scores: np.ndarray, first_chunks: np.ndarray, second_docs: np.ndarray
+        self, expanded: QueryTokens, first_docs: np.ndarray, first_scores: np.ndarray, first_chunks: np.ndarray, second_docs: np.ndarray,
+        second_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Scores of the second pass's documents: reused where the first pass already has them."""
+        """Scores of the second pass's documents: reused where the first pass already has them.
+
+        New documents are scored on every chunk, or on their ``second_rows`` (retrieved chunks) when given.
+        """
         position = {int(d): i for i, d in enumerate(first_docs)}
         known = np.array([int(d) in position for d in second_docs], dtype=bool)
         scores = np.empty(len(second_docs), np.float32)
@@ -458,7 +513,9 @@ class LateIndex:
         reuse = np.array([position[int(d)] for d in second_docs[known]], dtype=np.int64)
         scores[known], chunks[known] = first_scores[reuse], first_chunks[reuse]
         if (~known).any():
-            scores[~known], chunks[~known] = self.score_documents(expanded, second_docs[~known])
+            new_docs = second_docs[~known]
+            rows = None if second_rows is None else second_rows[np.isin(self.chunk_doc[second_rows], new_docs)]
+            scores[~known], chunks[~known] = self._score(expanded, new_docs, rows).best()
         return second_docs, scores, chunks
 
     def expand(self, query: QueryTokens, feedback_docs: np.ndarray, prf: PRFConfig) -> QueryTokens:
@@ -524,6 +581,7 @@ class LateIndex:
         candidates: int = DEFAULT_CANDIDATES,
         prf: PRFConfig | None = None,
         filter: Mapping[str, Any] | None = None,
+        scope: str = DEFAULT_RERANK_SCOPE,
     ) -> list[SearchHit]:
         """Top ``k`` documents for a query text (FDE + ANN candidates, exact MaxSim rerank).
 
@@ -541,12 +599,17 @@ class LateIndex:
             Metadata filter such as ``{"source": "x"}`` or ``{"year": [2020, 2021]}`` (a list means
             any of; every field must match; see :meth:`filter_mask`). Non-matching documents never
             appear, and ``k`` results come back whenever at least ``k`` documents match.
+        scope
+            ``documents`` (every chunk of a candidate document is scored) or ``chunks`` (only the
+            chunks the ANN returned), see ``RERANK_SCOPES``.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {candidates}")
+        if scope not in RERANK_SCOPES:
+            raise ValueError(f"scope must be one of {RERANK_SCOPES}, got {scope!r}")
         if filter:
             filter_keys(filter)  # a malformed filter fails before the encoder runs
-        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k), prf=prf, filter=filter)
+        ranked = self.rank(self.encode(query), k, candidates=max(candidates, k), prf=prf, filter=filter, scope=scope)
         return [self.hit(d, s, c, r) for r, (d, s, c) in enumerate(ranked, start=1)]

@@ -129,7 +129,7 @@ def create_app(
         with gate.slot():
             started = time.perf_counter()
             try:
-                hits = loaded.index.search(request.query, k=request.k, candidates=request.candidates, prf=prf, filter=request.filter)
+                hits = loaded.index.search(request.query, k=request.k, candidates=request.candidates, prf=prf, filter=request.filter, scope=request.scope)
             except ValueError as exc:  # e.g. a query with no token the model can read
                 raise ServiceError(422, "invalid_query", str(exc)) from exc
             took = time.perf_counter() - started
@@ -144,7 +144,7 @@ def create_app(
             started = time.perf_counter()
             encoded = _encode_batch(index, [q.query for q in request.queries])
             results = [
-                _ranked_hits(index, index.rank(tokens, q.k, candidates=max(q.candidates, q.k), prf=prf, filter=q.filter))
+                _ranked_hits(index, index.rank(tokens, q.k, candidates=max(q.candidates, q.k), prf=prf, filter=q.filter, scope=q.scope))
                 for q, tokens, prf in zip(request.queries, encoded, prfs)
             ]
             took = time.perf_counter() - started

@@ -15,6 +15,7 @@ def search_remote(
     *,
     k: int = 10,
     candidates: int | None = None,
+    scope: str | None = None,
     prf: Mapping[str, Any] | bool = False,
     filter: Mapping[str, Any] | None = None,
     token: str | None = None,
@@ -26,7 +27,7 @@ def search_remote(
     ----------
     server
         Base URL, e.g. ``http://127.0.0.1:8000``.
-    query, k, candidates, prf, filter
+    query, k, candidates, scope, prf, filter
         As in :meth:`lateflow.engine.LateIndex.search` (``prf``: True or a dict of PRF settings).
     token
         Bearer token; None reads ``$LATEFLOW_API_TOKEN`` (unset or empty: no header).
@@ -42,6 +43,8 @@ def search_remote(
     body: dict[str, Any] = {"query": query, "k": k, "prf": prf if isinstance(prf, bool) else dict(prf)}
     if candidates is not None:
         body["candidates"] = candidates
+    if scope is not None:
+        body["scope"] = scope
     if filter:
         body["filter"] = dict(filter)
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from pydantic_core import PydanticCustomError
 
-from lateflow.engine import DEFAULT_CANDIDATES, filter_keys
+from lateflow.engine import DEFAULT_CANDIDATES, DEFAULT_RERANK_SCOPE, RERANK_SCOPES, filter_keys
 from service.limits import Limits
 from tasks.prf import PRF_MODES, PRFConfig
 
@@ -49,6 +49,9 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         candidates: Annotated[
             int, Field(ge=1, le=limits.max_candidates, description="ANN chunk candidates reranked by exact MaxSim (raised to k if lower)")
         ] = DEFAULT_CANDIDATES
+        scope: Literal[RERANK_SCOPES] = Field(  # type: ignore[valid-type]
+            DEFAULT_RERANK_SCOPE, description="rerank every chunk of a candidate document, or only the chunks the ANN returned"
+        )
         prf: Union[StrictBool, PRFRequest] = Field(False, description="ColBERT-PRF: true for the default settings, or an object of settings")
         filter: Annotated[
             dict[str, filter_value] | None,

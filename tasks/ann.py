@@ -4,11 +4,14 @@ FDEs are unnormalised and their inner product is the similarity estimate, so eve
 uses METRIC_INNER_PRODUCT, never L2 or cosine.
 
 * ``flat``: exact search; the default below 5,000 chunks.
-* ``hnsw``: graph search, the default from 5,000 chunks: at scifact's 9,907 chunks x 10,240 dims it
-  takes 7.4 ms per query against 11-15 ms for flat (one BLAS product), finds 99% of flat's
-  candidate documents at efSearch 256 and the same nDCG@10 after the rerank; the build costs ~25 s
-  more (M=32; BENCHMARKS.md section 3). efSearch bounds the candidates it can return well: at 64
-  it found only 85% of flat's top-200 documents.
+* ``hnsw``: graph search, the default from 5,000 chunks, over 8-bit scalar-quantised vectors
+  (``hnsw_storage="sq8"``; ``flat`` keeps float32, ``fp16`` halves them). At scifact's 9,907 chunks
+  x 10,240 dims and 400 candidates, one thread (BENCHMARKS.md section 3): float32 storage at
+  efSearch 256 took 7.0 ms and returned 96.4% of flat's candidate documents; SQ8 takes 4.5 ms at 256
+  (96.4%) and 6.9 ms at 512 (99.2%), since a graph search is bound by reading the visited vectors.
+  SQ8 at efSearch 512 is the default: a quarter of the memory, flat's candidates, the old time.
+  efSearch bounds the candidates it can return well (FAISS does not raise it to k): at 64 it found
+  only 85% of flat's top-200 documents.
 * ``ivfpq``: inverted lists + product quantisation: ~20-30x less memory, fastest, lossy; it needs
   enough vectors to train (39 per list), so small corpora fall back to fewer lists.
 
@@ -26,6 +29,7 @@ import faiss
 import numpy as np
 
 ANN_KINDS = ("auto", "flat", "hnsw", "ivfpq")
+HNSW_STORAGES = {"flat": None, "fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 AUTO_FLAT_LIMIT = 5_000
 
 
@@ -36,7 +40,8 @@ class ANNConfig:
     kind: str = "auto"
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 256
+    hnsw_ef_search: int = 512
+    hnsw_storage: str = "sq8"
     ivf_lists: int | None = None  # None: about 4 * sqrt(n), bounded by the training data
     pq_subquantizers: int = 64
     ivf_nprobe: int = 16
@@ -44,6 +49,8 @@ class ANNConfig:
     def __post_init__(self) -> None:
         if self.kind not in ANN_KINDS:
             raise ValueError(f"ann kind must be one of {ANN_KINDS}, got {self.kind!r}")
+        if self.hnsw_storage not in HNSW_STORAGES:
+            raise ValueError(f"hnsw_storage must be one of {tuple(HNSW_STORAGES)}, got {self.hnsw_storage!r}")
 
     def to_dict(self) -> dict[str, Any]:
         # 'auto' resolves by a threshold of this module: record it, so that changing it changes the build key
@@ -104,9 +111,14 @@ def _build_ann(vectors: np.ndarray, config: ANNConfig) -> tuple[faiss.Index, dic
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        quantizer = HNSW_STORAGES[config.hnsw_storage]
+        if quantizer is None:
+            index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexHNSWSQ(dim, quantizer, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)  # per-dimension ranges; the ANN is rebuilt from every FDE on each version
         index.hnsw.efConstruction = config.hnsw_ef_construction
-        facts.update(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction)
+        facts.update(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction, storage=config.hnsw_storage)
     else:
         lists = _ivf_lists(n, config.ivf_lists)
         m = _pq_subquantizers(dim, config.pq_subquantizers)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 _BLOCK_ROWS = 1 << 16
+# ~12 MB of float32 rows at 384 dims: stays in cache between widening and product
+_CANDIDATE_BLOCK_ROWS = 8192
 
 
 def _segment_max(sim: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -146,16 +148,57 @@ def maxsim_candidates(
     ids = set_ids[chosen]
     q = np.ascontiguousarray(query, dtype=np.float32)
     w = np.ones(len(q), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
-    # every chosen set's similarity rows, back to back: one product per run of consecutive sets
+    # every chosen set's similarity rows, back to back, computed run by run of consecutive sets
     row_starts = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(offsets[ids + 1] - offsets[ids], out=row_starts[1:])
-    sim = np.empty((int(row_starts[-1]), len(q)), dtype=np.float32)
     breaks = np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1
-    for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(ids)]):
-        lo, hi = int(offsets[ids[first]]), int(offsets[ids[last - 1] + 1])
-        sim[row_starts[first] : row_starts[last]] = _similarities(tokens, lo, hi, q, row_scale)
+    firsts, lasts = np.r_[0, breaks], np.r_[breaks, len(ids)]
+    runs = np.stack([offsets[ids[firsts]], offsets[ids[lasts - 1] + 1]], axis=1)
+    sim = _run_similarities(tokens, runs, q, int(row_starts[-1]))
+    if row_scale is not None:
+        sim *= np.concatenate([row_scale[lo:hi] for lo, hi in runs])[:, None]
     scores[chosen] = _segment_max(sim, row_starts[:-1]) @ w
     return scores
+
+
+def _run_similarities(tokens: np.ndarray, runs: np.ndarray, q: np.ndarray, n_rows: int, block_rows: int = _CANDIDATE_BLOCK_ROWS) -> np.ndarray:
+    """float32 inner products of the store's row ranges ``runs`` (``[lo, hi)`` pairs), back to back, with ``q``.
+
+    A float32 store is multiplied where it lies (views). Other stores are widened into one reused
+    float32 block of ``block_rows`` rows that is multiplied when full: widening each run with a
+    fresh ``astype`` made the rerank of ~300 scifact documents over an int8 store 35 ms instead of
+    ~23 (page faults on every temporary; the products themselves take ~19 ms).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> store = rng.integers(-127, 128, size=(50, 8)).astype(np.int8); q = rng.normal(size=(3, 8)).astype(np.float32)
+    >>> runs = np.array([[40, 50], [0, 7], [10, 30]])
+    >>> expected = np.concatenate([store[lo:hi].astype(np.float32) @ q.T for lo, hi in runs])
+    >>> bool(np.allclose(_run_similarities(store, runs, q, 37, block_rows=16), expected))
+    True
+    """
+    sim = np.empty((n_rows, len(q)), dtype=np.float32)
+    if tokens.dtype == np.float32:
+        done = 0
+        for lo, hi in runs:
+            np.matmul(tokens[lo:hi], q.T, out=sim[done : done + hi - lo])
+            done += hi - lo
+        return sim
+    buffer = np.empty((min(block_rows, n_rows), tokens.shape[1]), dtype=np.float32)
+    filled = flushed = 0
+    for lo, hi in runs:
+        pos = int(lo)
+        while pos < hi:
+            take = min(int(hi) - pos, len(buffer) - filled)
+            buffer[filled : filled + take] = tokens[pos : pos + take]
+            filled, pos = filled + take, pos + take
+            if filled == len(buffer):
+                np.matmul(buffer, q.T, out=sim[flushed : flushed + filled])
+                flushed, filled = flushed + filled, 0
+    if filled:
+        np.matmul(buffer[:filled], q.T, out=sim[flushed : flushed + filled])
+    return sim
 
 
 def group_max(scores: np.ndarray, group_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

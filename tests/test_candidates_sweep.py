@@ -42,9 +42,24 @@ def test_sweep_with_every_chunk_as_candidate_equals_the_exact_ranking(fill_and_n
     from evaluation.benchmarks.candidates_sweep import render, sweep
 
     filled, nofill, _ = fill_and_nofill
-    report = sweep(str(limit_small), str(filled), "test", [2, 10_000], 40, also=[str(nofill)], depth=10)  # filled first, as --index
+    # filled first, as --index; both rerank scopes
+    report = sweep(str(limit_small), str(filled), "test", [2, 10_000], 40, also=[str(nofill)], depth=10, scopes=("documents", "chunks"))
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["maxsim-exact", "fde-rerank@2", "fde-rerank@10000", "nofill fde-rerank@2", "nofill fde-rerank@10000"]
-    for name in ("fde-rerank@10000", "nofill fde-rerank@10000"):  # every chunk reranked: the exact ranking, whatever the FDEs
+    assert list(rows) == [
+        "maxsim-exact", "fde-rerank@2", "fde-rerank@2 (chunks)", "fde-rerank@10000", "fde-rerank@10000 (chunks)",
+        "nofill fde-rerank@2", "nofill fde-rerank@2 (chunks)", "nofill fde-rerank@10000", "nofill fde-rerank@10000 (chunks)",
+    ]
+    # every chunk reranked: the exact ranking, whatever the FDEs and the scope
+    for name in ("fde-rerank@10000", "nofill fde-rerank@10000", "fde-rerank@10000 (chunks)", "nofill fde-rerank@10000 (chunks)"):
         assert rows[name]["recall_exact_top10"] == 1.0 and rows[name]["share_of_exact"] == pytest.approx(1.0)
     assert "| nofill fde-rerank@2 |" in render(report) and report["depth"] == 10
+
+
+def test_hnsw_storage_benchmark_compares_with_flat_search(limit_small, limit_small_index):
+    from evaluation.benchmarks.hnsw_storage import compare, render
+
+    report = compare(str(limit_small), str(limit_small_index), "test", 20, ["flat", "sq8"], [16, 64], 10)
+    rows = report["rows"]
+    assert [(r["storage"], r["ef_search"]) for r in rows] == [("exact (flat)", None), ("flat", 16), ("flat", 64), ("sq8", 16), ("sq8", 64)]
+    assert rows[0]["doc_overlap"] == 1.0 and all(0.8 <= r["doc_overlap"] <= 1.0 for r in rows)
+    assert report["queries"] == 20 and "| sq8 | 64 |" in render(report)

@@ -10,6 +10,8 @@ import pytest
 
 from flows.index import FDEParams, IndexConfig, index_flow
 from lateflow.engine import LateIndex
+from tasks.prf import PRFConfig
+from tasks.rerank import maxsim_candidates
 from storage import index_files as files
 from storage.manifest import IndexFormatError, read_manifest, resolve_index_dir
 from tasks.chunk import ChunkConfig
@@ -69,6 +71,40 @@ def test_rerank_with_all_candidates_equals_exhaustive_maxsim(scifact_index):
     exact = index.rank_exhaustive([q], k=10)[0]
     assert [d for d, _, _ in ranked] == [d for d, _, _ in exact]
     assert np.allclose([s for _, s, _ in ranked], [s for _, s, _ in exact], atol=1e-4)
+
+
+def test_chunk_scope_scores_each_document_by_its_best_retrieved_chunk(scifact_index):
+    out, _ = scifact_index
+    index = LateIndex.open(out)
+    q = index.encode("vitamin D deficiency and bone fractures")
+    # every chunk retrieved: the two scopes agree with brute force
+    every = index.rank(q, k=10, candidates=10_000, scope="chunks")
+    assert [d for d, _, _ in every] == [d for d, _, _ in index.rank_exhaustive([q], k=10)[0]]
+    # a few retrieved chunks: each document's score is the exact MaxSim of its best *retrieved* chunk
+    _, rows = index._search_chunks(q, 15, 10)
+    ranked = index.rank(q, k=10, candidates=15, scope="chunks")
+    exact = {int(c): s for c, s in zip(rows, maxsim_candidates(q.vectors, index.tokens.vectors, index.tokens.offsets, rows, None, index.tokens.row_scale))}
+    multi_chunk = 0
+    for doc, score, chunk in ranked:
+        mine = [c for c in rows if index.chunk_doc[c] == doc]
+        assert chunk in mine and np.isclose(score, max(exact[int(c)] for c in mine), atol=1e-5)
+        multi_chunk += np.diff(index.doc_chunk_offsets)[doc] > len(mine)
+    assert multi_chunk > 0  # the test would not tell the scopes apart otherwise
+    # scoring every chunk can only raise a document's score
+    full, _ = index.score_documents(q, np.array([d for d, _, _ in ranked]))
+    assert all(f >= s - 1e-6 for f, (_, s, _) in zip(full, ranked))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        index.search("vitamin D", scope="passages")
+
+
+def test_chunk_scope_with_prf_in_both_modes(scifact_index):
+    out, _ = scifact_index
+    index = LateIndex.open(out)
+    q = index.encode("vitamin D deficiency and bone fractures")
+    for mode in ("rerank", "retrieve"):
+        ranked = index.rank(q, k=10, candidates=30, scope="chunks", prf=PRFConfig(mode=mode))
+        scores = [s for _, s, _ in ranked]
+        assert len(ranked) == 10 and scores == sorted(scores, reverse=True)
 
 
 def test_rerun_reuses_cached_shards_and_does_no_model_work(scifact_index, scifact_sample, monkeypatch):
@@ -173,7 +209,7 @@ def test_prf_rerank_shortcut_equals_rescoring_with_the_expanded_query(scifact_in
     config = PRFConfig(fb_docs=3, k=12, fb_embs=6, beta=1.0)
     for line in scifact_sample.read_text().splitlines()[:5]:
         query = index.encode(json.loads(line)["title"])
-        fast = index.rank(query, 10, candidates=40, prf=config)
+        fast = index.rank(query, 10, candidates=40, prf=config, scope="documents")  # score_documents below scores whole documents
         docs = index.candidate_documents(query, 40, min_docs=10)
         first, _ = index.score_documents(query, docs)
         expanded = index.expand(query, docs[np.argsort(-first, kind="stable")[: config.fb_docs]], config)
@@ -218,7 +254,7 @@ def test_prf_retrieve_reuses_first_pass_scores_exactly(scifact_index, scifact_sa
     config = PRFConfig(fb_docs=3, k=12, fb_embs=6, beta=1.0, mode="retrieve")
     for line in scifact_sample.read_text().splitlines()[5:10]:
         query = index.encode(json.loads(line)["title"])
-        fast = index.rank(query, 10, candidates=20, prf=config)
+        fast = index.rank(query, 10, candidates=20, prf=config, scope="documents")
         docs = index.candidate_documents(query, 20, min_docs=10)
         first, _ = index.score_documents(query, docs)
         expanded = index.expand(query, docs[np.argsort(-first, kind="stable")[: config.fb_docs]], config)

@@ -171,6 +171,8 @@ def test_search_matches_in_process(client, tagged):
     r = client.post("/search", json={"query": QUERIES[1], "k": 6, "prf": True, "filter": {"source": "odd", "group": [1, 3]}})
     same_hits(r.json()["results"], tagged.search(QUERIES[1], k=6, prf=PRFConfig(), filter={"source": "odd", "group": [1, 3]}))
     assert all(h["metadata"]["source"] == "odd" for h in r.json()["results"])
+    r = client.post("/search", json={"query": QUERIES[2], "k": 5, "candidates": 5, "scope": "documents"})
+    same_hits(r.json()["results"], tagged.search(QUERIES[2], k=5, candidates=5, scope="documents"))
 
 
 def test_batch_matches_in_process(client, tagged):
@@ -221,6 +223,7 @@ LIMIT_CASES = [
     ("/search", {"query": "x", "filter": {"a": {"nested": 1}}}, 422, "invalid_request"),
     ("/search", {"query": "x", "prf": {"k": 5, "fb_embs": 10}}, 422, "invalid_request"),
     ("/search", {"query": "x", "prf": {"mode": "sideways"}}, 422, "invalid_request"),
+    ("/search", {"query": "x", "scope": "passages"}, 422, "invalid_request"),
     ("/search", ["x"], 422, "invalid_request"),
     ("/search", {"query": "   "}, 422, "invalid_request"),
     ("/search", {"query": "\u200b"}, 422, "invalid_query"),  # no token the model can read

@@ -37,7 +37,8 @@ DEPTH = 100
 
 
 def sweep(
-    dataset_dir: str, index_dir: str, split: str, counts: list[int], max_queries: int | None, also: Sequence[str] = (), depth: int = DEPTH
+    dataset_dir: str, index_dir: str, split: str, counts: list[int], max_queries: int | None, also: Sequence[str] = (), depth: int = DEPTH,
+    scopes: Sequence[str] = ("documents",),
 ) -> dict[str, Any]:
     """Score maxsim-exact and fde-rerank at each candidate count on one split (for every index folder)."""
     from evaluation.datasets import load_dataset, subsample
@@ -63,13 +64,13 @@ def sweep(
     for label, candidate_index in labelled:
         if candidate_index.doc_ids != index.doc_ids:
             raise ValueError(f"{label.strip()}: not an index of the same corpus as {index_dir}")
-        for count in counts:
+        for count, scope in [(c, s) for c in counts for s in scopes]:
             ranked, times = [], []
             for query in encoded:
                 t0 = time.perf_counter()
-                ranked.append(candidate_index.rank(query, depth, candidates=max(count, depth)))
+                ranked.append(candidate_index.rank(query, depth, candidates=max(count, depth), scope=scope))
                 times.append((time.perf_counter() - t0) * 1000)
-            name = f"{label}fde-rerank@{count}"
+            name = f"{label}fde-rerank@{count}" + ("" if scope == "documents" else f" ({scope})")
             scores = score_run(qrels, to_run(as_run(ranked), name))
             recall = np.mean([len(top & {d for d, _, _ in r[:10]}) / max(1, len(top)) for top, r in zip(exact_top10, ranked)])
             rows.append(
@@ -106,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = tuning_parser(__doc__)
     parser.add_argument("--candidates", type=int, nargs="+", default=[200, 400, 800], help="candidate counts to compare")
     parser.add_argument("--also", nargs="*", default=[], metavar="INDEX", help="more index folders of the same corpus (other FDE/ANN settings)")
+    parser.add_argument(
+        "--scopes", nargs="+", default=["documents"], choices=["documents", "chunks"],
+        help="rerank every chunk of a candidate document, or only the retrieved chunks (default: documents)",
+    )
     parser.add_argument("--depth", type=int, default=DEPTH, help=f"ranking depth k (default {DEPTH}, as lateflow evaluate; 10 = a RAG top-10)")
     args = parser.parse_args(argv)
-    report = sweep(args.dataset, args.index, args.split, args.candidates, args.max_queries, args.also, args.depth)
+    report = sweep(args.dataset, args.index, args.split, args.candidates, args.max_queries, args.also, args.depth, args.scopes)
     print_and_save(render(report), report, args.out)
     return 0
 

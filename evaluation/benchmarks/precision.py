@@ -58,10 +58,40 @@ def encoder_speeds(corpus: str, n_chunks: int, precisions: list[str]) -> dict[st
     return speeds
 
 
-def index_quality(corpus: str, dataset_dir: str, index_dir: Path, precision: str, splits: list[str], max_queries: int | None) -> dict[str, Any]:
+def query_label(precision: str, query_precision: str | None) -> str:
+    """Row label: the documents' precision, plus the queries' when it differs (``fp32+int8q``)."""
+    return precision if query_precision in (None, precision) else f"{precision}+{query_precision}q"
+
+
+def query_latency(model_path: str, precisions: list[str], texts: list[str], warmup: int = 5) -> dict[str, dict[str, float]]:
+    """p50 / p95 ms of encoding one query at a time, one thread, per precision (what a search pays)."""
+    import numpy as np
+
+    from tasks.encode import EncoderConfig, load_encoder, torch_threads
+
+    out: dict[str, dict[str, float]] = {}
+    with torch_threads(1):
+        for precision in precisions:
+            encoder = load_encoder(EncoderConfig(model_path=model_path, precision=precision))
+            for text in texts[:warmup]:
+                encoder.encode_query(text)
+            times = []
+            for text in texts:
+                started = time.perf_counter()
+                encoder.encode_query(text)
+                times.append((time.perf_counter() - started) * 1000)
+            out[precision] = {"p50_ms": round(float(np.percentile(times, 50)), 2), "p95_ms": round(float(np.percentile(times, 95)), 2)}
+            print(f"query encoding at {precision}: p50 {out[precision]['p50_ms']} ms, p95 {out[precision]['p95_ms']} ms", flush=True)
+    return out
+
+
+def index_quality(
+    corpus: str, dataset_dir: str, index_dir: Path, precision: str, splits: list[str], max_queries: int | None, query_precision: str | None = None
+) -> dict[str, Any]:
     """Index the corpus at ``precision`` (unless done) and score maxsim-exact and fde-rerank on each split.
 
-    The rankings are kept in ``INDEX_ROOT/runs/<precision>-<split>.json`` with the index's build key,
+    ``query_precision`` encodes the queries at another precision than the documents (None: the same).
+    The rankings are kept in ``INDEX_ROOT/runs/<label>-<split>.json`` with the index's build key,
     so a later run (another precision added, say) scores and compares without brute force again.
     """
     import json
@@ -75,15 +105,16 @@ def index_quality(corpus: str, dataset_dir: str, index_dir: Path, precision: str
 
     manifest = index_flow(corpus, str(index_dir), replace(IndexConfig(), precision=precision))
     index = None
+    label = query_label(precision, query_precision)
     out: dict[str, Any] = {"build_seconds": manifest["build_seconds"], "splits": {}, "runs": {}}
     for split in splits:
         dataset = subsample(load_dataset(dataset_dir, split), max_queries if split != "test" else None)
         qrels = to_qrels(dataset.qrels)
         qids = list(dataset.queries)
-        cached = index_dir.parent / "runs" / f"{precision}-{split}.json"
+        cached = index_dir.parent / "runs" / f"{label}-{split}.json"
         saved = json.loads(cached.read_text()) if cached.is_file() else {}
         if saved.get("build_key") != manifest["build_key"] or saved.get("qids") != qids or saved.get("candidates") != DEFAULT_CANDIDATES:
-            index = index or LateIndex.open(index_dir)
+            index = index or LateIndex.open(index_dir, query_precision=query_precision)
             encoded = index.encode_many([dataset.queries[q] for q in qids])
             # brute force in batches of queries (one pass over the store per batch): same scores, less time
             exact = [ranked for i in range(0, len(encoded), 16) for ranked in index.rank_exhaustive(encoded[i : i + 16], DEPTH)]
@@ -93,10 +124,10 @@ def index_quality(corpus: str, dataset_dir: str, index_dir: Path, precision: str
                 for system, lists in (("maxsim-exact", exact), ("fde-rerank", fast))
             }}
             write_json(saved, cached)
-        scores = {system: score_run(qrels, to_run(run, f"{system}-{precision}"))["ndcg@10"] for system, run in saved["runs"].items()}
+        scores = {system: score_run(qrels, to_run(run, f"{system}-{label}"))["ndcg@10"] for system, run in saved["runs"].items()}
         out["splits"][split] = {"queries": len(qids), **scores}
         out["runs"][split] = saved["runs"]
-        print(f"{precision} {split}: " + ", ".join(f"{k} nDCG@10 {v:.4f}" for k, v in scores.items()), flush=True)
+        print(f"{label} {split}: " + ", ".join(f"{k} nDCG@10 {v:.4f}" for k, v in scores.items()), flush=True)
     return out
 
 
@@ -129,9 +160,11 @@ def render(report: dict[str, Any]) -> str:
         head,
         "|---|---|---|" + "---|---|" * len(splits),
     ]
-    base = report["speeds"]["fp32"] if "fp32" in report["speeds"] else None
-    for p, speed in report["speeds"].items():
-        cells = [p, f"{speed:.0f}", f"{speed / base:.2f}x" if base else "-"]
+    base = report["speeds"].get("fp32")
+    labels = list(report["speeds"]) + [label for label in report["quality"] if label not in report["speeds"]]
+    for p in labels:
+        speed = report["speeds"].get(p)
+        cells = [p, f"{speed:.0f}" if speed else "-", f"{speed / base:.2f}x" if speed and base else "-"]
         for s in splits:
             q = report["quality"].get(p, {}).get("splits", {}).get(s)
             for system in ("maxsim-exact", "fde-rerank"):
@@ -145,6 +178,16 @@ def render(report: dict[str, Any]) -> str:
                     cell += f" ({change:+.2%}, p={test['p_bonferroni']:.3f}{'*' if test['significant'] else ''})"
                 cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("query_latency"):
+        lines += [
+            "",
+            "`P+Xq`: documents encoded at P, queries at X. Encoding one query at a time, one thread "
+            f"({report['latency_queries']} {report['dataset']} test queries):",
+            "",
+            "| query precision | p50 ms | p95 ms |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {p} | {t['p50_ms']} | {t['p95_ms']} |" for p, t in report["query_latency"].items()]
     return "\n".join(lines)
 
 
@@ -160,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queries", type=int, default=200, help="fixed subset of every split but test (default 200)")
     parser.add_argument("--speed-only", action="store_true", help="skip the indexes and nDCG")
     parser.add_argument("--quality-precisions", nargs="+", default=None, help="index and score only these (default: every precision)")
+    parser.add_argument(
+        "--query-precisions", nargs="+", default=[], help="also score the fp32 index with queries encoded at these precisions, and time one-query encoding"
+    )
+    parser.add_argument("--latency-queries", type=int, default=100, help="test queries timed per query precision (default 100)")
     parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and raw numbers (.json) here")
     args = parser.parse_args(argv)
     machine = describe_machine()
@@ -169,6 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.speed_only:
         for p in args.quality_precisions or args.precisions:
             quality[p] = index_quality(args.dataset, args.dataset, args.index_root / p, p, args.splits, args.max_queries)
+        for qp in args.query_precisions:
+            if qp != "fp32":
+                label = query_label("fp32", qp)
+                quality[label] = index_quality(args.dataset, args.dataset, args.index_root / "fp32", "fp32", args.splits, args.max_queries, qp)
+    latency = {}
+    if args.query_precisions:
+        from evaluation.datasets import load_dataset
+        from flows.index import IndexConfig
+        from tasks.encode import resolve_model_path
+
+        texts = list(load_dataset(args.dataset, "test").queries.values())[: args.latency_queries]
+        latency = query_latency(resolve_model_path(IndexConfig().model), sorted(set(["fp32", *args.query_precisions])), texts)
     vs_fp32 = compare_to_fp32(args.dataset, quality, args.splits, args.max_queries)
     for q in quality.values():
         q.pop("runs")  # kept in INDEX_ROOT/runs, not in the report
@@ -180,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "speeds": speeds,
         "quality": quality,
         "vs_fp32": vs_fp32,
+        "query_latency": latency,
+        "latency_queries": args.latency_queries,
     }
     print_and_save(render(report), report, args.out)
     return 0
