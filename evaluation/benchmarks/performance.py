@@ -12,7 +12,10 @@ Steps (each also runs on its own; see its module):
 3. :mod:`evaluation.benchmarks.precision`: fp32 / bf16 / int8 encoders on speed and nDCG@10;
 4. :mod:`evaluation.benchmarks.candidates_sweep`: candidates vs nDCG@10 and latency on scifact
    train, for the default index and its variants with filled FDEs and/or a flat ANN (built into
-   ``WORK/scifact-*`` from the same segment cache: FDE stage and ANN only);
+   ``WORK/scifact-*`` from the same segment cache: FDE stage and ANN only), and the two rerank
+   scopes (retrieved chunks / every chunk of the candidate documents) on the default index;
+   :mod:`evaluation.benchmarks.hnsw_storage`: HNSW storage (float32 / fp16 / SQ8) and efSearch
+   against flat search;
 5. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
    the token heuristic; tuned on train, reported on test);
 6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
@@ -57,7 +60,7 @@ def _step(name: str, main, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.benchmarks import candidates_sweep, candidates_table, memory, pipeline, precision, scaling
+    from evaluation.benchmarks import candidates_sweep, candidates_table, hnsw_storage, memory, pipeline, precision, scaling
     from lateflow.cli import main as lateflow_main
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         _step("candidates sweep", candidates_sweep.main, [
             str(scifact), "--index", str(index), "--also", *variants, "--split", "train", "--max-queries", "300", "--depth", "10",
             "--candidates", "50", "100", "150", "200", "300", "400", "--out", str(REPORTS / "candidates-sweep-scifact-train-k10.md"),
+        ])
+        _step("rerank scopes", candidates_sweep.main, [
+            str(scifact), "--index", str(index), "--split", "train", "--max-queries", "300", "--depth", "10",
+            "--candidates", "200", "300", "400", "600", "--scopes", "documents", "chunks", "--out", str(REPORTS / "scope-scifact-train.md"),
+        ])
+        _step("hnsw storage", hnsw_storage.main, [
+            str(scifact), "--index", str(index), "--max-queries", "100", "--out", str(REPORTS / "hnsw-storage-scifact-train.md"),
         ])
     if "candidates" in wanted:
         _step("candidates table", candidates_table.main, [
