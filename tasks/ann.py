@@ -6,10 +6,11 @@ uses METRIC_INNER_PRODUCT, never L2 or cosine.
 * ``flat``: exact search; the default below 5,000 chunks.
 * ``hnsw``: graph search, the default from 5,000 chunks, over 8-bit scalar-quantised vectors
   (``hnsw_storage="sq8"``; ``flat`` keeps float32, ``fp16`` halves them). At scifact's 9,907 chunks
-  x 10,240 dims and 400 candidates, one thread (BENCHMARKS.md section 3): float32 storage at
-  efSearch 256 took 7.0 ms and returned 96.4% of flat's candidate documents; SQ8 takes 4.5 ms at 256
-  (96.4%) and 6.9 ms at 512 (99.2%), since a graph search is bound by reading the visited vectors.
-  SQ8 at efSearch 512 is the default: a quarter of the memory, flat's candidates, the old time.
+  x 10,240 dims and 400 candidates, one thread (BENCHMARKS.md section 3,
+  ``evaluation/benchmarks/hnsw_storage.py``): float32 storage at efSearch 256 took 8.3 ms and
+  returned 96.7% of flat search's candidate documents; SQ8 takes 3.7 ms at 256 (96.7%) and 5.5 ms
+  at 512 (99.3%), since a graph search is bound by reading the vectors it visits. SQ8 at efSearch
+  512 is the default: a quarter of the memory, nearly flat's candidates, less time than before.
   efSearch bounds the candidates it can return well (FAISS does not raise it to k): at 64 it found
   only 85% of flat's top-200 documents.
 * ``ivfpq``: inverted lists + product quantisation: ~20-30x less memory, fastest, lossy; it needs
