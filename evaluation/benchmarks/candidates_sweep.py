@@ -38,12 +38,14 @@ DEPTH = 100
 
 def sweep(
     dataset_dir: str, index_dir: str, split: str, counts: list[int], max_queries: int | None, also: Sequence[str] = (), depth: int = DEPTH,
-    scopes: Sequence[str] = ("documents",),
+    scopes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Score maxsim-exact and fde-rerank at each candidate count on one split (for every index folder)."""
+    """Score maxsim-exact and fde-rerank at each candidate count (and rerank scope, default: the engine's) on one split."""
     from evaluation.datasets import load_dataset, subsample
     from evaluation.scoring import score_run, to_qrels, to_run
-    from lateflow.engine import LateIndex
+    from lateflow.engine import DEFAULT_RERANK_SCOPE, LateIndex
+
+    scopes = scopes or (DEFAULT_RERANK_SCOPE,)
 
     dataset = subsample(load_dataset(dataset_dir, split), max_queries)
     index = LateIndex.open(index_dir)
@@ -104,12 +106,14 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lateflow.engine import DEFAULT_RERANK_SCOPE, RERANK_SCOPES
+
     parser = tuning_parser(__doc__)
     parser.add_argument("--candidates", type=int, nargs="+", default=[200, 400, 800], help="candidate counts to compare")
     parser.add_argument("--also", nargs="*", default=[], metavar="INDEX", help="more index folders of the same corpus (other FDE/ANN settings)")
     parser.add_argument(
-        "--scopes", nargs="+", default=["documents"], choices=["documents", "chunks"],
-        help="rerank every chunk of a candidate document, or only the retrieved chunks (default: documents)",
+        "--scopes", nargs="+", default=[DEFAULT_RERANK_SCOPE], choices=RERANK_SCOPES,
+        help=f"rerank only the retrieved chunks, or every chunk of their documents (default: the engine's, {DEFAULT_RERANK_SCOPE})",
     )
     parser.add_argument("--depth", type=int, default=DEPTH, help=f"ranking depth k (default {DEPTH}, as lateflow evaluate; 10 = a RAG top-10)")
     args = parser.parse_args(argv)
