@@ -26,6 +26,7 @@ from tasks.fde import FDEConfig, encode_query
 from tasks.idf import idf_lookup
 from tasks.prf import PRFConfig, expand_query, expansion_embeddings
 from tasks.rerank import gather_rows, group_max, maxsim_candidates, maxsim_exhaustive
+from tasks.rerank_prune import maxsim_top_groups
 
 # ANN chunks reranked per query. On scifact train (300 queries, top-10 asked, unfilled FDEs, HNSW;
 # evaluation/benchmarks/candidates_sweep.py) 100 / 200 / 300 / 400 candidates found 90.0 / 95.0 /
@@ -198,7 +199,7 @@ class LateIndex:
 
     def __init__(
         self, path: Path, manifest: dict[str, Any], device: str | None = None, ann: ANNConfig | None = None, token_memory: str = "auto",
-        query_precision: str | None = None,
+        query_precision: str | None = None, rerank_prefilter: bool = True,
     ) -> None:
         if query_precision is not None and query_precision not in PRECISIONS:
             raise ValueError(f"query_precision must be one of {PRECISIONS} or None, got {query_precision!r}")
@@ -206,6 +207,7 @@ class LateIndex:
         self.query_precision = query_precision or manifest["encoding"]["precision"]
         self.manifest = manifest
         self.device = device
+        self.rerank_prefilter = rerank_prefilter
         self.fde_config = FDEConfig.from_dict(manifest["fde"])
         chunks = pq.read_table(path / files.CHUNKS_FILE, columns=["doc_id", "ordinal", "char_start", "char_end", "text"])
         self.chunk_doc_ids = chunks.column("doc_id").to_pylist()
@@ -249,6 +251,7 @@ class LateIndex:
     def open(
         cls, path: str | os.PathLike, *, device: str | None = None, verify: bool = False, ann: ANNConfig | None = None,
         query_threads: int | None = 1, token_memory: str = "auto", query_precision: str | None = None,
+        rerank_prefilter: bool = True,
     ) -> "LateIndex":
         """Open an index folder built by ``lateflow index``.
 
@@ -281,6 +284,13 @@ class LateIndex:
             documents were encoded at). See BENCHMARKS.md section 5.3 before changing it: a query
             encoder at another precision than the documents' is faster but moves the query
             vectors away from the ones the index was built for.
+        rerank_prefilter
+            Rerank an int8 token store in two steps (:mod:`tasks.rerank_prune`): every candidate
+            scored with an int8 query, then exact MaxSim only for the chunks that can still reach
+            the top ``k`` under the int8 scores' error bound. The top ``k``, their order and scores
+            are those of the one-step exact rerank (a theorem, and tested); about 2x faster on
+            scifact (BENCHMARKS.md). False: score every candidate exactly. Not used with PRF, whose
+            expansion re-scores every first-pass candidate.
         """
         # a versioned index folder: read the current version's folder (resolved once, so every file
         # comes from the same version even if a new one is switched in meanwhile)
@@ -288,7 +298,9 @@ class LateIndex:
         manifest = read_manifest(path, verify_hashes=verify)
         if query_threads is not None:
             set_query_threads(query_threads)
-        return cls(path, manifest, device=device, ann=ann, token_memory=token_memory, query_precision=query_precision)
+        return cls(
+            path, manifest, device=device, ann=ann, token_memory=token_memory, query_precision=query_precision, rerank_prefilter=rerank_prefilter
+        )
 
     @property
     def encoder(self):
@@ -419,16 +431,26 @@ class LateIndex:
         """Exact (weighted) MaxSim of every chunk of the given documents; (best score, best chunk) per doc."""
         return self._score(query, doc_indices).best()
 
-    def _score(self, query: QueryTokens, doc_indices: np.ndarray, chunk_rows: np.ndarray | None = None) -> "_ScoredCandidates":
-        """Score the documents' chunks (all of them, or only ``chunk_rows``); keep the chunk ids for a PRF pass."""
+    def _score(
+        self, query: QueryTokens, doc_indices: np.ndarray, chunk_rows: np.ndarray | None = None, top: int | None = None
+    ) -> "_ScoredCandidates":
+        """Score the documents' chunks (all of them, or only ``chunk_rows``); keep the chunk ids for a PRF pass.
+
+        With ``top`` (and the prefilter on), only what can reach the top ``top`` documents is scored
+        exactly; the other chunks score ``-inf`` (see :mod:`tasks.rerank_prune`).
+        """
         if chunk_rows is None:
             chunk_ids, group_offsets = gather_rows(self.doc_chunk_offsets, doc_indices)
         else:
             chunk_ids, group_offsets = self._group_chunks(doc_indices, chunk_rows)
-        return self._score_chunks(query, chunk_ids, group_offsets)
+        return self._score_chunks(query, chunk_ids, group_offsets, top)
 
-    def _score_chunks(self, query: QueryTokens, chunk_ids: np.ndarray, group_offsets: np.ndarray) -> "_ScoredCandidates":
-        chunk_scores = maxsim_candidates(query.vectors, self.tokens.vectors, self.tokens.offsets, chunk_ids, query.weights, self.tokens.row_scale)
+    def _score_chunks(self, query: QueryTokens, chunk_ids: np.ndarray, group_offsets: np.ndarray, top: int | None = None) -> "_ScoredCandidates":
+        store = self.tokens
+        if top is not None and self.rerank_prefilter:
+            chunk_scores, _ = maxsim_top_groups(query.vectors, store.vectors, store.offsets, chunk_ids, group_offsets, top, query.weights, store.row_scale)
+        else:
+            chunk_scores = maxsim_candidates(query.vectors, store.vectors, store.offsets, chunk_ids, query.weights, store.row_scale)
         return _ScoredCandidates(chunk_ids, group_offsets, chunk_scores)
 
     def _group_chunks(self, doc_indices: np.ndarray, chunk_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +490,8 @@ class LateIndex:
         only_retrieved = scope == "chunks"
         allowed = self.filter_mask(filter)
         docs, rows = self._candidates(query, candidates, k, allowed)
-        scored = self._score(query, docs, rows if only_retrieved else None)
+        # without PRF only the top k matter: the prefilter may skip what cannot reach them
+        scored = self._score(query, docs, rows if only_retrieved else None, top=k if prf is None else None)
         scores, best_chunks = scored.best()
         if prf is not None:
             order = np.argsort(-scores, kind="stable")

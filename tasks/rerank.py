@@ -114,6 +114,20 @@ def gather_rows(offsets: np.ndarray, set_ids: np.ndarray) -> tuple[np.ndarray, n
     return rows, new_offsets
 
 
+def scoreable_sets(offsets: np.ndarray, set_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``set_ids`` as int64, a ``-inf`` score per set to fill in, and the positions of the non-empty sets.
+
+    Examples
+    --------
+    >>> ids, scores, nonempty = scoreable_sets(np.array([0, 2, 2, 5]), [2, 1, 0])
+    >>> ids.tolist(), scores.tolist(), nonempty.tolist()
+    ([2, 1, 0], [-inf, -inf, -inf], [0, 2])
+    """
+    set_ids = np.asarray(set_ids, dtype=np.int64)
+    scores = np.full(len(set_ids), -np.inf, dtype=np.float32)
+    return set_ids, scores, np.flatnonzero(offsets[set_ids + 1] - offsets[set_ids] > 0)
+
+
 def maxsim_candidates(
     query: np.ndarray,
     tokens: np.ndarray,
@@ -138,10 +152,7 @@ def maxsim_candidates(
     >>> bool(np.allclose(maxsim_candidates(q, store, offsets, np.array([2, 0])), full[[2, 0]]))
     True
     """
-    set_ids = np.asarray(set_ids, dtype=np.int64)
-    scores = np.full(len(set_ids), -np.inf, dtype=np.float32)
-    lengths = offsets[set_ids + 1] - offsets[set_ids]
-    chosen = np.flatnonzero(lengths > 0)
+    set_ids, scores, chosen = scoreable_sets(offsets, set_ids)
     if len(chosen) == 0:
         return scores
     chosen = chosen[np.argsort(set_ids[chosen], kind="stable")]

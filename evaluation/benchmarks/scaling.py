@@ -770,10 +770,14 @@ def open_index(folder: Path, token_memory: str = "int8"):
     return index, {"open_seconds": round(seconds / 1000, 1), "open_peak_rss_gib": load_peak, "rss_after_open_gib": rss_gib(), "token_dtype": str(index.tokens.vectors.dtype)}
 
 
-def measure_kind(index, queries: Queries, with_exact: bool, exact_all: bool, warmup: int, exact_batch: int) -> dict[str, Any]:
-    """fde-rerank on every nDCG query (and maxsim-exact, alternating, on the latency subset) on one opened index."""
+def measure_kind(index, queries: Queries, with_exact: bool, exact_all: bool, warmup: int, exact_batch: int, exact_index: Any = None) -> dict[str, Any]:
+    """fde-rerank on every nDCG query (and maxsim-exact, alternating, on the latency subset) on one opened index.
+
+    ``exact_index``: the same folder opened with another token store for maxsim-exact (default: ``index``).
+    """
+    brute = exact_index or index
     fde = lambda text: index.rank(index.encode(text), DEPTH)  # noqa: E731 - the engine's default search
-    exact = lambda text: index.rank_exhaustive([index.encode(text)], DEPTH)[0]  # noqa: E731
+    exact = lambda text: brute.rank_exhaustive([brute.encode(text)], DEPTH)[0]  # noqa: E731
     latency_texts = [queries.texts[q] for q in queries.latency_ids]
     for text in latency_texts[:warmup]:  # model, BLAS, FAISS and page-cache warm-up
         fde(text)
@@ -791,7 +795,7 @@ def measure_kind(index, queries: Queries, with_exact: bool, exact_all: bool, war
         rest = [q for q in queries.texts if q not in runs["maxsim-exact"]]
         for first in range(0, len(rest), exact_batch):  # untimed: batched brute force, for nDCG only
             batch = rest[first : first + exact_batch]
-            ranked = index.rank_exhaustive([index.encode(queries.texts[q]) for q in batch], DEPTH)
+            ranked = brute.rank_exhaustive([brute.encode(queries.texts[q]) for q in batch], DEPTH)
             runs["maxsim-exact"].update({q: _as_run(index, r) for q, r in zip(batch, ranked)})
     return {"runs": runs, "ms": ms}
 
@@ -927,9 +931,14 @@ def measure_size(size_label: str, manifests: dict[str, dict[str, Any]], folders:
         index, memory = open_index(folder, args.token_memory)
         n_docs = len(index)
         with_exact = exact is None
+        exact_index = None
+        if with_exact and args.exact_token_memory and args.exact_token_memory != args.token_memory:
+            exact_index, _ = open_index(folder, args.exact_token_memory)
+            memory["exact_token_dtype"] = str(exact_index.tokens.vectors.dtype)
         reset_peak_rss()
         print(f"  {size_label} {kind}: measuring {len(queries.texts)} queries{' + maxsim-exact' if with_exact else ''}", flush=True)
-        measured = measure_kind(index, queries, with_exact, n_docs <= args.exact_all_max_docs, args.warmup, args.exact_batch)
+        measured = measure_kind(index, queries, with_exact, n_docs <= args.exact_all_max_docs, args.warmup, args.exact_batch, exact_index)
+        del exact_index
         memory["measure_peak_rss_gib"] = peak_rss_gib()
         work = rerank_work(index, [queries.texts[q] for q in queries.latency_ids])
         if with_exact:
@@ -1112,7 +1121,7 @@ def render(report: dict[str, Any]) -> str:
         m = r["memory"]
         lines.append(
             f"| {r['size']} | {r['ann']} | {r['corpus_build_seconds']} | {r['ann_build_seconds']} | {m['open_seconds']} | {m['open_peak_rss_gib']} "
-            f"| {m['rss_after_open_gib']} | {m['measure_peak_rss_gib']} | {m['token_dtype']} |"
+            f"| {m['rss_after_open_gib']} | {m['measure_peak_rss_gib']} | {m['token_dtype']}{' (maxsim-exact: ' + m['exact_token_dtype'] + ')' if m.get('exact_token_dtype') else ''} |"
         )
     lines += ["", "| size | synthetic tokens (mean per doc) | corpus build s | corpus build peak RSS GiB | ANN build s / peak RSS GiB | disk GiB |", "|---|---|---|---|---|---|"]
     for size, c in report["corpora"].items():
@@ -1166,6 +1175,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exact-all-max-docs", type=int, default=20000, help="above this many documents maxsim-exact runs on the latency queries only (default 20000)")
     parser.add_argument("--exact-batch", type=int, default=16, help="queries per brute-force batch for the untimed nDCG runs (default 16)")
     parser.add_argument("--token-memory", default="int8", choices=["int8", "float32", "float16", "auto"], help="LateIndex token_memory (default int8: as a default index, whose store is int8, is served)")
+    parser.add_argument(
+        "--exact-token-memory", default=None, choices=["int8", "float32", "float16", "auto"],
+        help="token_memory of a second opening of the same folder that maxsim-exact runs on (default: the same as --token-memory); "
+        "float32 gives brute force its fastest kernel while fde-rerank is served as a default index",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up queries per opened index (default 3)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="SIZE:KIND", help="profile fde-rerank with pyinstrument on these configurations, e.g. full:flat 100000:hnsw")
     parser.add_argument("--merge", action="store_true", help="keep the rows of other sizes already in the --out JSON (e.g. add 100k to a 1k-10k run)")
