@@ -54,7 +54,7 @@ from storage.versions import (
 )
 from tasks.ann import ANNConfig, build_ann
 from tasks.chunk import ChunkConfig, chunk_task
-from tasks.encode import EncoderConfig, encode_task, resolve_model_path
+from tasks.encode import PRECISION_CHOICES, EncoderConfig, encode_task, resolve_model_path, resolve_precision, select_device
 from tasks.fde import FDEConfig
 from tasks.fde import fde_task
 from tasks.idf import document_frequencies
@@ -88,7 +88,9 @@ class IndexConfig:
 
     model: str | None = None
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
-    precision: str = "fp32"
+    # "auto": bf16 autocast where the device computes bfloat16 natively (1.6x faster at the same
+    # nDCG@10 on scifact), else fp32; an existing index keeps its own precision (see _encoding_precision)
+    precision: str = "auto"
     drop_punctuation: bool = True
     batch_tokens: int = 8192
     fde: FDEParams = field(default_factory=FDEParams)
@@ -103,6 +105,8 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         get_token_codec(self.token_codec)  # a clear ValueError for an unknown name, before any work
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
 
     def token_codec_key(self) -> list[dict[str, str]]:
         """The codec's part of the build key: empty for float16, so indexes built before codecs keep their key.
@@ -275,6 +279,21 @@ def _current_manifest(index_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _encoding_precision(config: "IndexConfig", current: dict[str, Any] | None) -> str:
+    """The concrete encoder precision of a build.
+
+    An explicit precision is used as given. ``auto`` keeps the current version's precision when the
+    index exists, so a scheduled update never re-encodes a whole corpus because it runs on another
+    machine or because this default changed (indexes built before ``auto`` stay fp32); a new index
+    gets :func:`tasks.encode.resolve_precision` for the device it is built on.
+    """
+    if config.precision != "auto":
+        return config.precision
+    if current is not None and current.get("encoding", {}).get("precision") in PRECISION_CHOICES[1:]:
+        return current["encoding"]["precision"]
+    return resolve_precision("auto", select_device(config.device))
+
+
 def _previous_docs(index_dir: Path) -> dict[str, str]:
     """doc_id -> content hash of the current version (empty when there is none)."""
     try:
@@ -360,16 +379,16 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
     if config.chunk.window > max_positions - 2:
         raise ValueError(f"chunk window {config.chunk.window} exceeds this model's limit of {max_positions - 2} tokens")
     fde_config = config.fde.config(dim)
-    encoder_config = EncoderConfig(
-        model_path=model_path, precision=config.precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens
-    )
+    current = _current_manifest(out)
+    precision = _encoding_precision(config, current)
+    encoder_config = EncoderConfig(model_path=model_path, precision=precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens)
     corpus_data = load_corpus_task(corpus, config.on_error)
     settings = seg.SegmentSettings(
         pipeline_version=PIPELINE_VERSION,
         chunk=config.chunk.to_dict(),
         model_fingerprint=model_fingerprint(model_path),
         # the device never changes the vectors beyond float noise, so it is not part of the key
-        encoder={"precision": config.precision, "drop_punctuation": config.drop_punctuation, "device_class": "any"},
+        encoder={"precision": precision, "drop_punctuation": config.drop_punctuation, "device_class": "any"},
         fde=fde_config.to_dict(),
     )
     build_key = stable_key(
@@ -379,7 +398,6 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         table_digest(corpus_data.rejected, REJECTED.names),
         *config.token_codec_key(),
     )
-    current = _current_manifest(out)
     if current is not None and current.get("build_key") == build_key:
         return current  # the index already holds exactly this input and these settings
     for name, manifest in complete_versions(out).items():

@@ -17,13 +17,19 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     from storage.token_codec import TOKEN_CODECS
     from tasks.ann import ANN_KINDS, HNSW_STORAGES, ANNConfig as _ANN
     from tasks.chunk import ChunkConfig
+    from tasks.encode import PRECISION_CHOICES
 
     d, c, f = IndexConfig(), ChunkConfig(), FDEParams()
     g = p.add_argument_group("model and chunking")
     g.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (default: the bundled all-MiniLM-L6-v2)")
     g.add_argument("--window", type=int, default=c.window, help=f"chunk window in model tokens (default {c.window})")
     g.add_argument("--overlap", type=int, default=c.overlap, help=f"tokens shared by consecutive chunks (default {c.overlap})")
-    g.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=d.precision, help=f"encoder precision (default {d.precision})")
+    g.add_argument(
+        "--precision", choices=PRECISION_CHOICES, default=d.precision,
+        help="encoder precision: fp32, bf16 autocast, int8 dynamic quantisation (CPU), or auto = bf16 where the device computes "
+        "bfloat16 natively (AVX-512 BF16 / AMX CPUs, Ampere+ GPUs), else fp32; an existing index keeps its precision under auto "
+        f"(default {d.precision})",
+    )
     g.add_argument("--keep-punctuation", action="store_true", help="keep punctuation tokens of documents (dropped by default)")
     g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help=f"padded tokens per encoder batch (default {d.batch_tokens})")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

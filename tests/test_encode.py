@@ -83,3 +83,16 @@ def test_fdes_computed_while_encoding_equal_the_fde_stage(model_path, scifact_sa
     store = read_token_store(tmp_path / "tokens.parquet")
     assert fdes.shape == (chunks.num_rows, config.output_dim) and chunks.num_rows > 20
     np.testing.assert_array_equal(fdes, encode_documents(store.vectors, store.offsets, config))
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    from tasks import encode
+
+    assert encode.resolve_precision("fp32", "cpu") == "fp32" and encode.resolve_precision("int8", "cpu") == "int8"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        encode.resolve_precision("fp16", "cpu")
+    monkeypatch.setattr(encode, "fast_bf16", lambda device: device == "cuda")
+    assert encode.resolve_precision("auto", "cuda") == "bf16" and encode.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.undo()
+    # the real probe answers without raising, whatever this CPU is
+    assert encode.fast_bf16("cpu") in (True, False) and encode.fast_bf16("mps") is False

@@ -277,3 +277,28 @@ def test_prf_retrieve_reuses_first_pass_scores_exactly(scifact_index, scifact_sa
         order = np.argsort(-scores, kind="stable")[:10]
         assert np.allclose([s for _, s, _ in fast], scores[order], atol=1e-4)
         assert [d for d, _, _ in fast] == [int(second[i]) for i in order]
+
+
+def test_auto_precision_keeps_an_existing_index_precision(scifact_sample, tmp_path, prefect_harness, monkeypatch):
+    """An index built at fp32 stays fp32 under the default auto, with no model work; a new one resolves auto."""
+    from dataclasses import replace
+
+    import tasks.encode as encode
+    from tasks.encode import PRECISIONS
+
+    out = tmp_path / "idx"
+    first = index_flow(str(scifact_sample), str(out), replace(SMALL, precision="fp32"))
+    assert first["encoding"]["precision"] == "fp32"
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("an unchanged index was encoded again")
+
+    monkeypatch.setattr(encode.Encoder, "forward_batch", no_encoding)
+    again = index_flow(str(scifact_sample), str(out), replace(SMALL, precision="auto"))
+    assert again["encoding"]["precision"] == "fp32" and again["build_key"] == first["build_key"]
+    monkeypatch.undo()
+    fresh = index_flow(str(scifact_sample), str(tmp_path / "fresh"), replace(SMALL, precision="auto"))
+    assert fresh["encoding"]["precision"] in PRECISIONS
+    assert LateIndex.open(tmp_path / "fresh").query_precision == fresh["encoding"]["precision"]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        replace(SMALL, precision="fp16")

@@ -39,7 +39,7 @@ def measure_throughput(corpus: Path, n_docs: int, config) -> dict[str, float]:
     from storage.corpus import read_corpus
     from storage.atomic import write_parquet
     from tasks.chunk import chunk_documents
-    from tasks.encode import EncoderConfig, length_buckets, load_encoder, resolve_model_path
+    from tasks.encode import EncoderConfig, length_buckets, load_encoder, resolve_model_path, resolve_precision, select_device
 
     docs = read_corpus(corpus).docs.slice(0, n_docs)
     work = Path(tempfile.mkdtemp(prefix="lateflow-bench-"))
@@ -47,7 +47,9 @@ def measure_throughput(corpus: Path, n_docs: int, config) -> dict[str, float]:
     sample_table = docs.select(["doc_id", "title", "text"]).rename_columns(["_id", "title", "text"])
     write_parquet(sample_table, sample)
     model_path = resolve_model_path(config.model)
-    encoder = load_encoder(EncoderConfig(model_path=model_path, precision=config.precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens), config.device)
+    # the precision the flow resolves for a new index on this device (auto: bf16 where it is native)
+    precision = resolve_precision(config.precision, select_device(config.device))
+    encoder = load_encoder(EncoderConfig(model_path=model_path, precision=precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens), config.device)
     chunks = chunk_documents(docs, encoder.tokenizer, config.chunk)
     sequences = chunks.column("input_ids").to_pylist()
     n_tokens = sum(len(s) for s in sequences)
@@ -73,6 +75,7 @@ def measure_throughput(corpus: Path, n_docs: int, config) -> dict[str, float]:
         "docs": n_docs,
         "chunks": chunks.num_rows,
         "chunk_tokens": n_tokens,
+        "precision": precision,
         "bare_encoder_seconds_before_after": [round(before, 2), round(after, 2)],
         "bare_encoder_seconds": round(bare_seconds, 2),
         "bare_encoder_tokens_per_s": round(n_tokens / bare_seconds, 1),
