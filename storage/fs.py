@@ -125,6 +125,15 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
     return pq.read_table(inner, columns=columns, filesystem=filesystem)
 
 
+def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
+    """The Arrow schema of a Parquet file (its footer only), from a local path or URL."""
+    if is_local(path):
+        return pq.read_schema(local_path(path))
+    filesystem, inner = resolve(path)
+    with filesystem.open_input_file(inner) as handle:
+        return pq.read_schema(handle)
+
+
 def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd") -> str:
     """Write ``table`` so that readers see the whole file or nothing (see the module docstring)."""
     if is_local(path):

@@ -148,24 +148,42 @@ def transcode_token_file(source: str | os.PathLike, target: str | os.PathLike, c
     """
     import pyarrow.parquet as pq
 
-    from storage.schemas import tokens_schema
-
-    spec = token_codec.get_codec(codec)
     source_file = pq.ParquetFile(source)
-    source_spec, dim = _embeddings_codec(source, source_file.schema_arrow.field("embeddings"))
-    if source_spec.name != "float16":
-        raise ValueError(f"{source}: can only transcode a float16 token store, this one is {source_spec.name}")
-    schema = tokens_schema(dim, spec.name)
-    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, compression="none") as writer:
+    transcode = token_transcoder(source, source_file.schema_arrow, codec, batch_rows=batch_rows)
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, transcode.schema, compression="none") as writer:
         for batch in source_file.iter_batches(batch_size=batch_rows):
+            writer.write_table(transcode(pa.Table.from_batches([batch])))
+
+
+class token_transcoder:  # noqa: N801 - used like a function
+    """``transcode(table)``: a float16 token-store table (schema ``source_schema``) with its vectors in ``codec``.
+
+    ``transcode.schema`` is the output schema. Tables are converted ``batch_rows`` chunks at a time
+    (the float32 temporaries of quantisation stay small); ``source`` only names the file in errors.
+    Used on a staged file (:func:`transcode_token_file`) or on each table as the index is gathered.
+    """
+
+    def __init__(self, source: str | os.PathLike, source_schema: pa.Schema, codec: str, *, batch_rows: int = 512) -> None:
+        from storage.schemas import tokens_schema
+
+        self.source, self.batch_rows = source, batch_rows
+        self.spec = token_codec.get_codec(codec)
+        self.source_spec, self.dim = _embeddings_codec(source, source_schema.field("embeddings"))
+        if self.source_spec.name != "float16":
+            raise ValueError(f"{source}: can only transcode a float16 token store, this one is {self.source_spec.name}")
+        self.schema = tokens_schema(self.dim, self.spec.name)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        parts = []
+        for batch in table.to_batches(max_chunksize=self.batch_rows):
             ids = batch.column("token_ids")
             token_offsets = ids.offsets.to_numpy().astype(np.int64)
-            stored = _stored_rows(source, batch.column("embeddings"), token_offsets, source_spec, dim)
-            codes = np.ascontiguousarray(token_codec.encode(stored, spec.name))
-            byte_offsets = (token_offsets - token_offsets[0]) * spec.row_bytes(dim)
+            stored = _stored_rows(self.source, batch.column("embeddings"), token_offsets, self.source_spec, self.dim)
+            codes = np.ascontiguousarray(token_codec.encode(stored, self.spec.name))
+            byte_offsets = (token_offsets - token_offsets[0]) * self.spec.row_bytes(self.dim)
             embeddings = pa.LargeBinaryArray.from_buffers(pa.large_binary(), batch.num_rows, [None, pa.py_buffer(byte_offsets), pa.py_buffer(codes)])
-            columns = [batch.column(name) if name != "embeddings" else embeddings for name in schema.names]
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            parts.append(pa.Table.from_arrays([batch.column(name) if name != "embeddings" else embeddings for name in self.schema.names], schema=self.schema))
+        return pa.concat_tables(parts) if parts else self.schema.empty_table()
 
 
 def read_pooled(path: str | os.PathLike) -> np.ndarray:

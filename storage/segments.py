@@ -226,12 +226,15 @@ def row_selection(plan: Plan, doc_ids: list[str]) -> Iterator[tuple[Segment, np.
             yield segment, np.concatenate(rows)
 
 
-def gather(plan: Plan, doc_ids: list[str], stage: str, out: Path, *, compression: str) -> int:
+def gather(
+    plan: Plan, doc_ids: list[str], stage: str, out: Path, *, compression: str, transform: Callable[[pa.Table], pa.Table] | None = None
+) -> int:
     """Write the rows of ``stage`` (``chunks``, ``tokens`` or ``fde``) for the planned documents to ``out``.
 
     Rows come in corpus order and ``chunk_id`` is renumbered 0..n-1. Only the last segment read is
     kept in memory (a token file can be hundreds of MB); a corpus whose order interleaves segments
-    re-reads them, which costs time, never correctness. Returns the number of rows written.
+    re-reads them, which costs time, never correctness. ``transform`` rewrites each table on its
+    way out (the token codec), so no staging copy is written. Returns the number of rows written.
     """
     next_id, writer, cached = 0, None, (None, None)
     with atomic_path(out) as tmp:
@@ -243,6 +246,8 @@ def gather(plan: Plan, doc_ids: list[str], stage: str, out: Path, *, compression
                 table = cached[1].take(pa.array(rows))
                 ids = pa.array(np.arange(next_id, next_id + table.num_rows, dtype=np.int64))
                 table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), ids)
+                if transform is not None:
+                    table = transform(table)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
                 writer.write_table(table)

@@ -139,10 +139,11 @@ def quantize(vectors: np.ndarray, levels: int) -> np.ndarray:
     >>> quantize(np.array([[0.6, -0.8], [0.0, 0.0]], dtype=np.float32), 127).tolist()
     [[95, -127], [0, 0]]
     """
-    x = np.asarray(vectors, dtype=np.float32)
+    x = np.array(vectors, dtype=np.float32)  # a private copy: scaled and rounded in place below
     scale = np.abs(x).max(axis=1, keepdims=True) if x.size else np.ones((len(x), 1), np.float32)
     scale[scale == 0] = 1.0  # a zero row: any scale gives zero codes
-    return np.rint(x * (levels / scale)).astype(np.int8)
+    np.multiply(x, levels / scale, out=x)
+    return np.rint(x, out=x).astype(np.int8)
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:

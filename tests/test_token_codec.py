@@ -121,6 +121,18 @@ def test_transcoded_token_file_reads_back_decoded(tmp_path, codec, dim, batch_ro
     assert np.array_equal(token_ids, original.token_ids) and np.array_equal(offsets, original.offsets)
 
 
+def test_transcoding_tables_in_flight_equals_transcoding_the_file(tmp_path):
+    """The index flow transcodes each gathered table (no staged float16 copy): same bytes as the file path."""
+    rng = np.random.default_rng(5)
+    table = float16_token_file(tmp_path / "f16.parquet", rng, 16, lengths=(3, 0, 5, 1, 7) * 30)
+    files.transcode_token_file(tmp_path / "f16.parquet", tmp_path / "file.parquet", "int8", batch_rows=7)
+    transcode = files.token_transcoder(tmp_path / "f16.parquet", table.schema, "int8", batch_rows=7)
+    in_flight = pa.concat_tables([transcode(table.slice(0, 41)), transcode(table.slice(41))])
+    assert in_flight.schema.equals(transcode.schema, check_metadata=True)
+    assert in_flight.equals(pq.read_table(tmp_path / "file.parquet"))
+    assert transcode(table.slice(0, 0)).num_rows == 0
+
+
 def test_a_store_in_an_unknown_codec_names_the_file(tmp_path):
     rng = np.random.default_rng(4)
     table = float16_token_file(tmp_path / "f16.parquet", rng)
