@@ -7,15 +7,16 @@ Run (about 1.5 hours on 2 cores; add ``--large`` for the 100k-document scaling s
 Steps (each also runs on its own; see its module):
 
 1. ``lateflow index`` of scifact into ``WORK/scifact`` (skipped when that index is current);
-2. :mod:`evaluation.benchmarks.pipeline`: indexing throughput of the flow against the bare encoder,
-   and fde-rerank against brute-force latency;
+2. :mod:`evaluation.benchmarks.pipeline`: indexing throughput of the flow against the bare encoder
+   (at the default precision and at fp32), and fde-rerank against brute-force latency;
 3. :mod:`evaluation.benchmarks.precision`: fp32 / bf16 / int8 encoders on speed and nDCG@10;
 4. :mod:`evaluation.benchmarks.candidates_sweep`: candidates vs nDCG@10 and latency on scifact
    train, for the default index and its variants with filled FDEs and/or a flat ANN (built into
    ``WORK/scifact-*`` from the same segment cache: FDE stage and ANN only), and the two rerank
    scopes (retrieved chunks / every chunk of the candidate documents) on the default index;
    :mod:`evaluation.benchmarks.hnsw_storage`: HNSW storage (float32 / fp16 / SQ8) and efSearch
-   against flat search;
+   against flat search; :mod:`evaluation.benchmarks.rerank_prefilter`: the rerank with and without
+   its int8 prefilter;
 5. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
    the token heuristic; tuned on train, reported on test);
 6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
@@ -60,7 +61,7 @@ def _step(name: str, main, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.benchmarks import candidates_sweep, candidates_table, hnsw_storage, memory, pipeline, precision, scaling
+    from evaluation.benchmarks import candidates_sweep, candidates_table, hnsw_storage, memory, pipeline, precision, rerank_prefilter, scaling
     from lateflow.cli import main as lateflow_main
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -77,13 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" in wanted:
         _step("pipeline", pipeline.main, [
             "--corpus", str(scifact), "--docs", "1000", "--index", str(index), "--queries", str(scifact / "queries.jsonl"),
-            "--n-queries", "100", "--out", str(REPORTS / "pipeline-scifact.json"),
+            "--n-queries", "100", "--precisions", "auto", "fp32", "--out", str(REPORTS / "pipeline-scifact.json"),
         ])
     if "precision" in wanted:
         (args.work / "precision").mkdir(parents=True, exist_ok=True)
-        fp32 = args.work / "precision" / "fp32"
-        if not fp32.exists():
-            fp32.symlink_to(index.resolve(), target_is_directory=True)  # the default index is the fp32 one
+        from storage.manifest import read_manifest, resolve_index_dir
+
+        # the default index is the one at its own precision (auto: bf16 or fp32 by the CPU)
+        own = args.work / "precision" / read_manifest(resolve_index_dir(index))["encoding"]["precision"]
+        if not own.exists():
+            own.symlink_to(index.resolve(), target_is_directory=True)
         _step("precision", precision.main, [
             str(scifact), "--index-root", str(args.work / "precision"), "--chunks", "600", "--splits", "train", "test",
             "--max-queries", "200", "--out", str(REPORTS / "precision-scifact.md"),
@@ -105,17 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         _step("hnsw storage", hnsw_storage.main, [
             str(scifact), "--index", str(index), "--max-queries", "100", "--out", str(REPORTS / "hnsw-storage-scifact-train.md"),
         ])
+        _step("rerank prefilter", rerank_prefilter.main, [
+            str(scifact), "--index", str(index), "--k", "10", "100", "--out", str(REPORTS / "rerank-prefilter-scifact-train.md"),
+        ])
     if "candidates" in wanted:
         _step("candidates table", candidates_table.main, [
             str(scifact), "--index", str(index), "--cache-dir", str(args.work / "candidates-table"),
             "--out", str(REPORTS / "candidates-table-scifact.md"),
         ])
     if "scaling" in wanted:
-        sizes = ["1000", "full", "10000"] + (["100000"] if args.large else [])
         _step("scaling", scaling.main, [
-            "--sizes", *sizes, "--dataset", str(scifact), "--source-index", str(index), "--scale-dir", str(args.work / "scale"),
-            "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
+            "--sizes", "1000", "full", "10000", "--dataset", str(scifact), "--source-index", str(index), "--scale-dir", str(args.work / "scale"),
+            "--exact-token-memory", "float32", "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
         ])
+        if args.large:  # brute force on int8 here: a float32 opening does not fit beside the served one in 24 GB
+            _step("scaling 100k", scaling.main, [
+                "--sizes", "100000", "--latency-queries", "50", "--dataset", str(scifact), "--source-index", str(index),
+                "--scale-dir", str(args.work / "scale"), "--merge", "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
+            ])
     if "memory" in wanted:
         float16 = _variant(scifact, args.work, "scifact-float16", ["--token-codec", "float16"])
         _step("memory", memory.main, [str(scifact), "--index", float16, "--split", "test", "--out", str(REPORTS / "memory-scifact.md")])

@@ -4,7 +4,7 @@ of FDE + ANN + exact rerank vs brute-force MaxSim, measured side by side in one 
 Run::
 
     .venv/bin/python -m evaluation.benchmarks.pipeline --corpus ../shared/datasets/scifact --docs 1000 \
-        --index idx/scifact --queries ../shared/datasets/scifact/queries.jsonl
+        --index idx/scifact --queries ../shared/datasets/scifact/queries.jsonl [--precisions auto fp32]
 
 * Throughput: the first ``--docs`` documents are chunked, then (1) the bare encoder forward pass
   runs over exactly those chunks with the same length-bucketed batches, (2) the whole index flow
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.machine import describe_machine, machine_line
     from flows.index import IndexConfig
     from lateflow.engine import DEFAULT_CANDIDATES
+    from tasks.encode import PRECISION_CHOICES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="corpus for the throughput run")
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=Path, help="queries.jsonl for the latency run")
     parser.add_argument("--n-queries", type=int, default=100)
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
+    parser.add_argument(
+        "--precisions", nargs="+", default=["auto"], choices=PRECISION_CHOICES,
+        help="encoder precisions of the throughput run, one after another (default: auto, the index default)",
+    )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.docs > 0 and args.corpus is None:
@@ -140,14 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, object] = {"machine": machine}
     print(f"machine: {machine_line(machine)}")
     if args.docs > 0:
-        thr = measure_throughput(args.corpus, args.docs, IndexConfig())
-        result["throughput"] = thr
-        print(
-            f"indexing {thr['docs']} docs / {thr['chunks']} chunks / {thr['chunk_tokens']} tokens: bare encoder "
-            f"{thr['bare_encoder_tokens_per_s']} tok/s (best of {thr['bare_encoder_seconds_before_after']} s before/after the flow), whole flow {thr['flow_tokens_per_s']} tok/s "
-            f"({thr['flow_seconds']} s in the flow, {thr['flow_wall_seconds_incl_prefect']} s wall incl. Prefect start): "
-            f"flow = {thr['flow_vs_bare']:.1%} of bare (target >= 90%)"
-        )
+        by_precision = {}
+        for precision in args.precisions:
+            thr = measure_throughput(args.corpus, args.docs, IndexConfig(precision=precision))
+            by_precision[precision] = thr
+            print(
+                f"indexing {thr['docs']} docs / {thr['chunks']} chunks / {thr['chunk_tokens']} tokens at {thr['precision']}: bare encoder "
+                f"{thr['bare_encoder_tokens_per_s']} tok/s (best of {thr['bare_encoder_seconds_before_after']} s before/after the flow), whole flow {thr['flow_tokens_per_s']} tok/s "
+                f"({thr['flow_seconds']} s in the flow, {thr['flow_wall_seconds_incl_prefect']} s wall incl. Prefect start): "
+                f"flow = {thr['flow_vs_bare']:.1%} of bare (target >= 90%)",
+                flush=True,
+            )
+        result["throughput"] = by_precision[args.precisions[0]]
+        result["throughput_by_precision"] = by_precision
     if args.index and args.queries:
         lat = measure_latency(args.index, args.queries, args.n_queries, args.candidates)
         result["latency"] = lat
