@@ -54,7 +54,7 @@ from storage.versions import (
 )
 from tasks.ann import ANNConfig, build_ann
 from tasks.chunk import ChunkConfig, chunk_task
-from tasks.encode import PRECISION_CHOICES, EncoderConfig, encode_task, load_encoder, resolve_model_path, resolve_precision, select_device
+from tasks.encode import PRECISION_CHOICES, PRECISIONS, EncoderConfig, encode_task, load_encoder, resolve_model_path, resolve_precision, select_device
 from tasks.fde import FDEConfig
 from tasks.fde import fde_task
 from tasks.idf import document_frequencies
@@ -251,7 +251,7 @@ def assemble_task(
         # segments hold float16 (a codec change re-encodes nothing): transcoded as they are gathered
         # (a staged float16 copy cost a write and a read of the whole store, ~1 s per 340k tokens)
         first = next((s.tokens for s in plan.segments), None)
-        transcode = files.token_transcoder(first, fs.read_parquet_schema(first), token_codec) if first else None
+        transcode = files.TokenTranscoder(first, fs.read_parquet_schema(first), token_codec) if first else None
         n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none", transform=transcode)
     n_fde = seg.gather(plan, doc_ids, "fde", out / files.FDE_FILE, compression="none")
     if not n_chunks == n_tokens == n_fde:
@@ -310,7 +310,7 @@ def _encoding_precision(config: "IndexConfig", current: dict[str, Any] | None) -
     """
     if config.precision != "auto":
         return config.precision
-    if current is not None and current.get("encoding", {}).get("precision") in PRECISION_CHOICES[1:]:
+    if current is not None and current.get("encoding", {}).get("precision") in PRECISIONS:
         return current["encoding"]["precision"]
     return resolve_precision("auto", select_device(config.device))
 

@@ -149,13 +149,13 @@ def transcode_token_file(source: str | os.PathLike, target: str | os.PathLike, c
     import pyarrow.parquet as pq
 
     source_file = pq.ParquetFile(source)
-    transcode = token_transcoder(source, source_file.schema_arrow, codec, batch_rows=batch_rows)
+    transcode = TokenTranscoder(source, source_file.schema_arrow, codec, batch_rows=batch_rows)
     with atomic_path(target) as tmp, pq.ParquetWriter(tmp, transcode.schema, compression="none") as writer:
         for batch in source_file.iter_batches(batch_size=batch_rows):
             writer.write_table(transcode(pa.Table.from_batches([batch])))
 
 
-class token_transcoder:  # noqa: N801 - used like a function
+class TokenTranscoder:
     """``transcode(table)``: a float16 token-store table (schema ``source_schema``) with its vectors in ``codec``.
 
     ``transcode.schema`` is the output schema. Tables are converted ``batch_rows`` chunks at a time

@@ -126,7 +126,7 @@ def test_transcoding_tables_in_flight_equals_transcoding_the_file(tmp_path):
     rng = np.random.default_rng(5)
     table = float16_token_file(tmp_path / "f16.parquet", rng, 16, lengths=(3, 0, 5, 1, 7) * 30)
     files.transcode_token_file(tmp_path / "f16.parquet", tmp_path / "file.parquet", "int8", batch_rows=7)
-    transcode = files.token_transcoder(tmp_path / "f16.parquet", table.schema, "int8", batch_rows=7)
+    transcode = files.TokenTranscoder(tmp_path / "f16.parquet", table.schema, "int8", batch_rows=7)
     in_flight = pa.concat_tables([transcode(table.slice(0, 41)), transcode(table.slice(41))])
     assert in_flight.schema.equals(transcode.schema, check_metadata=True)
     assert in_flight.equals(pq.read_table(tmp_path / "file.parquet"))
