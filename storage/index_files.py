@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage import token_codec
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, parquet_writer
 from storage.manifest import IndexFormatError
 
 DOCS_FILE = "docs.parquet"
@@ -150,7 +150,7 @@ def transcode_token_file(source: str | os.PathLike, target: str | os.PathLike, c
 
     source_file = pq.ParquetFile(source)
     transcode = TokenTranscoder(source, source_file.schema_arrow, codec, batch_rows=batch_rows)
-    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, transcode.schema, compression="none") as writer:
+    with atomic_path(target) as tmp, parquet_writer(tmp, transcode.schema, compression="none") as writer:
         for batch in source_file.iter_batches(batch_size=batch_rows):
             writer.write_table(transcode(pa.Table.from_batches([batch])))
 

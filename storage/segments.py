@@ -30,10 +30,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage import fs
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, parquet_writer
 from storage.hashing import stable_key
 
 DOC_PREFIX, CHUNK_PREFIX, TOKEN_PREFIX, FDE_PREFIX = "docs-", "chunks-", "tokens-", "fde-"
@@ -249,7 +248,7 @@ def gather(
                 if transform is not None:
                     table = transform(table)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression=compression)
+                    writer = parquet_writer(tmp, table.schema, compression=compression)
                 writer.write_table(table)
                 next_id += table.num_rows
         finally:

@@ -46,6 +46,22 @@ def test_zero_rows_and_empty_stores(codec):
     assert token_codec.decode(token_codec.encode(np.zeros((0, 8)), codec), codec).shape == (0, 8)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("levels", [127, 7])
+def test_quantize_is_the_rounded_per_row_scaling_bit_for_bit(dtype, levels):
+    # the torch kernel must give exactly the codes of the plain numpy formula (indexes built before
+    # it and after it hold the same bytes), on read-only input too (a Parquet buffer is read-only)
+    rng = np.random.default_rng(levels)
+    x = np.concatenate([rng.normal(size=(3000, 384)), np.zeros((2, 384)), np.full((1, 384), 0.5)]).astype(dtype)
+    x.flags.writeable = False
+    wide = x.astype(np.float32)
+    scale = np.abs(wide).max(axis=1, keepdims=True)
+    scale[scale == 0] = 1.0
+    expected = np.rint(wide * (levels / scale)).astype(np.int8)
+    assert np.array_equal(token_codec.quantize(x, levels), expected)
+    assert token_codec.quantize(np.zeros((0, 384), dtype), levels).shape == (0, 384)
+
 @pytest.mark.parametrize("codec, min_top10", [("int8", 9), ("int4", 8)])
 def test_maxsim_ranking_is_preserved_within_the_error_bound(codec, min_top10):
     rng = np.random.default_rng(7)
