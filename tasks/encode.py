@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,6 +211,59 @@ class Encoder:
         self.max_length = int(getattr(model.config, "max_position_embeddings", 512))
         self.special_ids = np.array(sorted(set(self.tokenizer.all_special_ids)), dtype=np.int64)
         self.punctuation_ids = punctuation_token_ids(self.tokenizer)
+        self._single: Any = None  # the traced one-sequence model, built on first use (_single_sequence_model)
+        self._single_lock = threading.Lock()
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def _single_sequence_model(self) -> Any:
+        """The model traced and frozen for one unpadded sequence (a query), or the eager model.
+
+        A query is one short sequence, where the eager model's Python and dispatch overhead between
+        small kernels is a large share of the time: TorchScript (trace, freeze, and on the CPU
+        ``optimize_for_inference``) took a 20-token scifact query from 9.4 to 6.6 ms at bf16 and
+        from 12.6 to 9.5 ms at fp32 (one thread). The trace is recorded on a batch of one with no
+        padding, so it is only used for exactly that (``forward_batch`` of one sequence); it is
+        valid for any length (equal to the eager model within 5e-6 in fp32 from 1 to 510 tokens,
+        tested). int8 dynamic quantisation, ``LATEFLOW_EAGER_ENCODER=1``, or a trace that fails for
+        another checkpoint keep the eager model.
+        """
+        if self._single is not None:
+            return self._single
+        with self._single_lock:
+            if self._single is None:
+                self._single = self._trace_single() or self.model
+        return self._single
+
+    def _trace_single(self) -> Any:
+        if self.config.precision == "int8" or os.environ.get("LATEFLOW_EAGER_ENCODER", "") not in ("", "0"):
+            return None
+        import logging
+        import warnings
+
+        model = self.model
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        example = torch.tensor([[self.tokenizer.cls_token_id, self.tokenizer.sep_token_id]], device=self.device)
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(), self._autocast():
+                warnings.simplefilter("ignore")  # TracerWarnings about Python values in the model code
+                traced = torch.jit.freeze(torch.jit.trace(LastHidden().eval(), (example, torch.ones_like(example)), check_trace=False, strict=False))
+                if self.device == "cpu":
+                    traced = torch.jit.optimize_for_inference(traced)
+                traced(example, torch.ones_like(example))  # the first call optimises the graph: not on a user's query
+        except Exception as exc:  # any checkpoint the tracer cannot follow still encodes, eagerly
+            logging.getLogger("lateflow.encode").warning("query encoder not traced (%s: %s); using the eager model", type(exc).__name__, exc)
+            return None
+        return traced
 
     # -- low level -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -231,9 +285,11 @@ class Encoder:
             mask[row, : len(seq) + 2] = 1
         input_ids = torch.from_numpy(ids).to(self.device)
         attention = torch.from_numpy(mask).to(self.device)
-        autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
-        with autocast:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        # one sequence has no padding: the traced model (see _single_sequence_model) applies
+        model = self._single_sequence_model() if len(sequences) == 1 else self.model
+        with self._autocast():
+            hidden = model(input_ids=input_ids, attention_mask=attention)
+        hidden = hidden.last_hidden_state if not isinstance(hidden, torch.Tensor) else hidden
         hidden = hidden.float()
         weights = attention.unsqueeze(-1).float()
         pooled = torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
@@ -289,8 +345,7 @@ class Encoder:
         ids = ids[: self.config.max_query_tokens]
         if not ids:
             raise ValueError(f"the query {text!r} has no token the model can read")
-        (_, token_ids, vectors, pooled), = self.encode_ids([ids], is_query=True)
-        return token_ids, vectors, pooled
+        return self._encode_one_query(ids)
 
     def encode_queries(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Batched :meth:`encode_query` for many queries, results in input order."""
@@ -302,10 +357,18 @@ class Encoder:
         for text, ids in zip(texts, all_ids):
             if not ids:
                 raise ValueError(f"the query {text!r} has no token the model can read")
+        if self._single_sequence_model() is not self.model:
+            # the traced one-query model and the eager batched one round differently (~1e-3 at bf16):
+            # a query must get the same vectors alone or in a batch, so each runs alone, traced
+            return [self._encode_one_query(ids) for ids in all_ids]
         out: list[Any] = [None] * len(texts)
         for index, token_ids, vectors, pooled in self.encode_ids(all_ids, is_query=True):
             out[index] = (token_ids, vectors, pooled)
         return out
+
+    def _encode_one_query(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        (_, token_ids, vectors, pooled), = self.encode_ids([ids], is_query=True)
+        return token_ids, vectors, pooled
 
 
 @functools.lru_cache(maxsize=2)

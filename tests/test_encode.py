@@ -45,6 +45,54 @@ def test_batched_encoding_matches_single(encoder):
         assert np.allclose(batched[i], single, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-5), ("bf16", 0.02)])
+def test_traced_single_sequence_model_equals_the_eager_model_at_every_length(model_path, precision, atol):
+    import torch
+
+    from tasks.encode import Encoder, EncoderConfig
+
+    encoder = Encoder(EncoderConfig(model_path=model_path, precision=precision))
+    assert isinstance(encoder._single_sequence_model(), torch.jit.ScriptModule)  # the fast path is really taken
+    rng = np.random.default_rng(0)
+    for length in (1, 7, 64, 510):  # traced on 2 tokens: the graph must hold for any length
+        seq = rng.integers(1000, 20000, length).tolist()
+        single, _, _ = encoder.forward_batch([seq])  # traced
+        batch, _, _ = encoder.forward_batch([seq, seq[: max(1, length // 2)]])  # eager (a batch of two, padded)
+        assert np.abs(single[0] - batch[0]).max() <= atol
+    ids, vectors, _ = encoder.encode_query("Does aspirin reduce stroke risk?")
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_a_query_gets_the_same_vectors_alone_or_in_a_batch(model_path):
+    from tasks.encode import Encoder, EncoderConfig
+
+    encoder = Encoder(EncoderConfig(model_path=model_path, precision="bf16"))  # where traced and eager differ most
+    texts = ["Does aspirin reduce stroke risk?", "p53", "a much longer question about the immune response of mice to a vaccine"]
+    for text, (ids, vectors, pooled) in zip(texts, encoder.encode_queries(texts)):
+        alone = encoder.encode_query(text)
+        assert np.array_equal(ids, alone[0]) and np.array_equal(vectors, alone[1]) and np.array_equal(pooled, alone[2])
+
+
+def test_query_encoder_stays_eager_when_asked_or_when_tracing_fails(model_path, monkeypatch, caplog):
+    import torch
+
+    from tasks.encode import Encoder, EncoderConfig
+
+    monkeypatch.setenv("LATEFLOW_EAGER_ENCODER", "1")
+    encoder = Encoder(EncoderConfig(model_path=model_path))
+    assert encoder._single_sequence_model() is encoder.model
+    monkeypatch.delenv("LATEFLOW_EAGER_ENCODER")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this checkpoint cannot be traced")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    encoder = Encoder(EncoderConfig(model_path=model_path))
+    expected = encoder.forward_batch([[2000, 3000], [2000, 3000]])[0][0]
+    assert np.allclose(encoder.forward_batch([[2000, 3000]])[0][0], expected, atol=1e-5)
+    assert encoder._single_sequence_model() is encoder.model and "not traced" in caplog.text
+
+
 def test_too_long_sequence_is_rejected(encoder):
     with pytest.raises(ValueError, match="at most 510"):
         list(encoder.encode_ids([[1000] * 600]))
