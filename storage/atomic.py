@@ -60,12 +60,17 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     ...                     ("embeddings", pa.large_binary()), ("pooled", pa.list_(pa.float16(), 4))])
     >>> dictionary_columns(schema)
     ['chunk_id', 'token_ids.list.element']
+    >>> dictionary_columns(pa.schema([("m", pa.map_(pa.string(), pa.float32())), ("s", pa.struct([("a", pa.string())]))]))
+    ['m.key_value.key', 's.a']
     """
     leaves: list[str] = []
 
     def walk(path: str, kind: pa.DataType) -> None:
         if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
             walk(f"{path}.list.element", kind.value_type)
+        elif pa.types.is_map(kind):
+            walk(f"{path}.key_value.key", kind.key_type)
+            walk(f"{path}.key_value.value", kind.item_type)
         elif pa.types.is_struct(kind):
             for child in kind:
                 walk(f"{path}.{child.name}", child.type)

@@ -48,6 +48,16 @@ def test_artifacts_are_plain_parquet_and_consistent(scifact_index):
     assert {"torch", "pyarrow", "faiss-cpu"} <= set(manifest["versions"])
     store = files.read_token_store(out / files.TOKENS_FILE)
     assert np.allclose(np.linalg.norm(store.vectors[:50].astype(np.float32), axis=1), 1, atol=2e-3)
+    # vectors are never dictionary-encoded (hashing every matrix and float cost 4-8x in writes and
+    # reads); ids still are, in the index and in the segment cache
+    for path in [out / files.TOKENS_FILE, out / files.FDE_FILE, *sorted((root / files.CACHE_DIR).glob("tokens-*.parquet"))]:
+        row_group = pq.ParquetFile(path).metadata.row_group(0)
+        encodings = {row_group.column(i).path_in_schema: row_group.column(i).encodings for i in range(row_group.num_columns)}
+        assert all("DICTIONARY" not in e for name, es in encodings.items() for e in es if not name.startswith(("chunk_id", "token_ids"))), (path, encodings)
+        assert any("DICTIONARY" in e for e in encodings["chunk_id"])
+    # where the build's time went, per stage
+    assert {"chunk", "encode", "assemble", "assemble_gather", "assemble_ann"} <= set(manifest["stage_seconds"])
+    assert sum(manifest["stage_seconds"][s] for s in ("chunk", "encode", "assemble")) <= manifest["build_seconds"]
 
 
 def test_search_finds_a_document_by_its_own_title(scifact_index, scifact_sample):
