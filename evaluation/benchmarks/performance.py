@@ -20,7 +20,8 @@ Steps (each also runs on its own; see its module):
 5. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
    the token heuristic; tuned on train, reported on test);
 6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
-   ``--large``) documents with flat, HNSW and IVF-PQ FDE indexes;
+   ``--large``, followed by :mod:`evaluation.benchmarks.hnsw_efsearch` on the 100k corpus, train
+   queries) documents with flat, HNSW and IVF-PQ FDE indexes;
 7. :mod:`evaluation.benchmarks.memory`: bytes per document and token-store / FDE-index compression
    against nDCG@10, on scifact test and cranfield (indexes with ``--token-codec float16``, the
    encoder's own vectors, which the study compresses).
@@ -61,7 +62,7 @@ def _step(name: str, main, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.benchmarks import candidates_sweep, candidates_table, hnsw_storage, memory, pipeline, precision, rerank_prefilter, scaling
+    from evaluation.benchmarks import candidates_sweep, candidates_table, hnsw_efsearch, hnsw_storage, memory, pipeline, precision, rerank_prefilter, scaling
     from lateflow.cli import main as lateflow_main
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             _step("scaling 100k", scaling.main, [
                 "--sizes", "100000", "--latency-queries", "50", "--dataset", str(scifact), "--source-index", str(index),
                 "--scale-dir", str(args.work / "scale"), "--merge", "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
+            ])
+            large = args.work / "scale" / "scifact-n100000-seed0"
+            _step("hnsw efSearch 100k", hnsw_efsearch.main, [
+                str(scifact), "--split", "train", "--flat", str(large / "flat"), "--hnsw", str(large / "hnsw"),
+                "--out", str(REPORTS / "hnsw-efsearch-100k-train.md"),
             ])
     if "memory" in wanted:
         float16 = _variant(scifact, args.work, "scifact-float16", ["--token-codec", "float16"])
