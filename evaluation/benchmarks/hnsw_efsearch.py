@@ -28,13 +28,11 @@ from flows.settings import apply_quiet_defaults
 
 apply_quiet_defaults()
 
-DEPTH = 10
-
 
 def main(argv: list[str] | None = None) -> int:
     from ranx import Qrels, Run, evaluate
 
-    from evaluation.benchmarks.scaling import load_queries, open_index, release_memory
+    from evaluation.benchmarks.scaling import DEPTH, load_queries, open_index, release_memory
     from evaluation.machine import describe_machine, machine_line
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
