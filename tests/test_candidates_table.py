@@ -96,3 +96,43 @@ def test_parse_setting_reads_every_option_and_rejects_malformed_specs():
     assert (config.final_dim, config.output_dim, config.fill_empty_partitions, config.seed) == (2048, 2048, False, 43)
     with pytest.raises(ValueError):
         parse_setting("20,4", 384)
+
+
+def test_served_fde_finds_the_exact_top_10_when_every_chunk_is_a_candidate(limit_small, limit_small_index):
+    """The 'as served' row opens the folder as a user does; asking for more chunks than the index
+    holds reranks everything exactly, so the returned top 10 are brute force's."""
+    from evaluation.benchmarks import candidates_table as ct
+    from evaluation.datasets import load_dataset, subsample
+    from lateflow.engine import LateIndex
+
+    index = LateIndex.open(limit_small_index)
+    dataset = subsample(load_dataset(str(limit_small), "test"), 20)
+    texts = list(dataset.queries.values())
+    encoded = [index.encode(t) for t in texts]
+    queries = ct.QuerySet("limit-small test", "test", list(dataset.queries), texts, encoded, ct.exact_top_documents(index, encoded), 20)
+    assert index.tokens.n_chunks < 600
+    out = ct.served_fde(ct.open_served(str(limit_small_index)), queries, grid=(3, 600))
+    assert out["recall_by_candidates"][600] == 1.0
+    assert out["recall_by_candidates"][3] < 1.0  # 3 chunks cannot hold 10 documents
+    assert out["candidates_at_90"] == 600 and out["at_90"]["candidates"] == 600
+    for row in (out["at_90"], out["default"]):
+        assert row["total_ms"]["p50"] >= row["stage_p50_ms"]["rank"] > 0
+
+
+def test_served_heuristic_with_every_token_as_a_hit_finds_the_exact_top_10(limit_small_index):
+    """k' = every token: each chunk is a candidate, so the served rerank returns brute force's top 10."""
+    import faiss
+
+    from evaluation.benchmarks import candidates_table as ct
+
+    served = ct.open_served(str(limit_small_index))
+    texts = ["Who likes quokkas?", "Who likes apples?", "Who likes the Boston Celtics?"]
+    encoded = [served.encode(t) for t in texts]
+    queries = ct.QuerySet("limit-small", "test", ["a", "b", "c"], texts, encoded, ct.exact_top_documents(served, encoded), 3)
+    scale = served.tokens.row_scale  # None unless the store is held as int8
+    vectors = np.ascontiguousarray(served.tokens.vectors.astype(np.float32) * (1.0 if scale is None else scale[:, None]))
+    token_index = faiss.IndexFlatIP(vectors.shape[1])
+    token_index.add(vectors)
+    out = ct.served_heuristic(served, token_index, queries, k=len(vectors))
+    assert out["recall"] == 1.0 and out["k"] == len(vectors)
+    assert out["total_ms"]["p50"] >= out["stage_p50_ms"]["rank"] > 0
