@@ -145,12 +145,18 @@ def quantize(vectors: np.ndarray, levels: int) -> np.ndarray:
     vectors = np.asarray(vectors)
     if vectors.size == 0:
         return np.zeros(vectors.shape, dtype=np.int8)
+    if not vectors.dtype.isnative or any(stride < 0 for stride in vectors.strides):
+        # torch.from_numpy takes neither (a big-endian file's values, a reversed view): one copy
+        vectors = np.ascontiguousarray(vectors, dtype=vectors.dtype.newbyteorder("="))
     # torch widens float16 and scales on every core, 2-4x faster than numpy here (whose float16
     # conversion is scalar), and bit for bit the same: exact widening, one IEEE float32 product per
     # value with the factor numpy computes, round half to even as np.rint
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only array: .to() below copies before writing
+    if vectors.flags.writeable:
         x = torch.from_numpy(vectors)
+    else:  # e.g. a buffer of an Arrow table; .to() below copies before any write
+        with warnings.catch_warnings():  # only on this path: the filter is process-wide while it lasts
+            warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+            x = torch.from_numpy(vectors)
     x = x.to(torch.float32, copy=True)  # a private copy: scaled and rounded in place below
     scale = x.abs().amax(dim=1, keepdim=True).numpy()
     scale[scale == 0] = 1.0  # a zero row: any scale gives zero codes

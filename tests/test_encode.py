@@ -56,17 +56,18 @@ def test_traced_single_sequence_model_equals_the_eager_model_at_every_length(mod
     rng = np.random.default_rng(0)
     for length in (1, 7, 64, 510):  # traced on 2 tokens: the graph must hold for any length
         seq = rng.integers(1000, 20000, length).tolist()
-        single, _, _ = encoder.forward_batch([seq])  # traced
+        single, _, _ = encoder.forward_batch([seq], traced=True)
         batch, _, _ = encoder.forward_batch([seq, seq[: max(1, length // 2)]])  # eager (a batch of two, padded)
         assert np.abs(single[0] - batch[0]).max() <= atol
     ids, vectors, _ = encoder.encode_query("Does aspirin reduce stroke risk?")
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
-def test_a_query_gets_the_same_vectors_alone_or_in_a_batch(model_path):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])  # bf16: traced and eager round differently; int8: per-batch activation scales
+def test_a_query_gets_the_same_vectors_alone_or_in_a_batch(model_path, precision):
     from tasks.encode import Encoder, EncoderConfig
 
-    encoder = Encoder(EncoderConfig(model_path=model_path, precision="bf16"))  # where traced and eager differ most
+    encoder = Encoder(EncoderConfig(model_path=model_path, precision=precision))
     texts = ["Does aspirin reduce stroke risk?", "p53", "a much longer question about the immune response of mice to a vaccine"]
     for text, (ids, vectors, pooled) in zip(texts, encoder.encode_queries(texts)):
         alone = encoder.encode_query(text)
@@ -89,8 +90,44 @@ def test_query_encoder_stays_eager_when_asked_or_when_tracing_fails(model_path, 
     monkeypatch.setattr(torch.jit, "trace", refuse)
     encoder = Encoder(EncoderConfig(model_path=model_path))
     expected = encoder.forward_batch([[2000, 3000], [2000, 3000]])[0][0]
-    assert np.allclose(encoder.forward_batch([[2000, 3000]])[0][0], expected, atol=1e-5)
+    assert np.allclose(encoder.forward_batch([[2000, 3000]], traced=True)[0][0], expected, atol=1e-5)
     assert encoder._single_sequence_model() is encoder.model and "not traced" in caplog.text
+
+
+def test_documents_never_go_through_the_query_trace(encoder, model_path):
+    """An index's vectors must not depend on whether a trace exists: a one-chunk length bucket is eager too."""
+    from tasks.encode import Encoder, EncoderConfig
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("a document went through the query trace")
+
+    saved = encoder._single
+    encoder._single = no_trace
+    try:
+        # a shard of one chunk, and a batch whose last length bucket holds one chunk
+        assert len(list(encoder.encode_ids([[2000 + i for i in range(30)]]))) == 1
+        seqs = [[2000 + i for i in range(30)]] * 64 + [[3000, 3001]]
+        assert len(list(encoder.encode_ids(seqs))) == 65
+        with pytest.raises(AssertionError, match="query trace"):
+            encoder.encode_query("a query does use it")
+    finally:
+        encoder._single = saved
+
+
+def test_a_trace_that_disagrees_with_the_eager_model_is_refused(model_path, monkeypatch, caplog):
+    import torch
+
+    from tasks.encode import Encoder, EncoderConfig
+
+    encoder = Encoder(EncoderConfig(model_path=model_path))
+    real = encoder._single_sequence_model()
+    assert isinstance(real, torch.jit.ScriptModule) and encoder._trace_disagreement(real) is None
+    wrong = lambda ids, mask: torch.randn(ids.shape[0], ids.shape[1], encoder.dim)  # noqa: E731
+    assert "cosine" in encoder._trace_disagreement(wrong)
+    assert "shape" in encoder._trace_disagreement(lambda ids, mask: torch.zeros(1, 3, encoder.dim))
+    monkeypatch.setattr(Encoder, "_trace_disagreement", lambda self, traced: "token cosine 0.1 < 0.999 at 7 tokens")
+    fresh = Encoder(EncoderConfig(model_path=model_path))
+    assert fresh._single_sequence_model() is fresh.model and "disagrees with the eager model" in caplog.text
 
 
 def test_too_long_sequence_is_rejected(encoder):

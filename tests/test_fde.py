@@ -337,8 +337,11 @@ def test_memory_chunks_do_not_change_the_result(monkeypatch, final_dim):
     tokens, offsets = csr([rng.normal(size=(n, 8)).astype(np.float32) for n in (5, 0, 9, 2, 6, 0, 3)])
     config = FDEConfig(dim=8, repetitions=2, simhash_bits=2, projection_dim=4, final_dim=final_dim)
     whole = encode_documents(tokens, offsets, config)
+    whole_queries = encode_queries(tokens, offsets, config)
     monkeypatch.setattr(fde, "_BATCH_FLOATS", 40)  # at most 5 tokens (or one set) per chunk
     np.testing.assert_allclose(encode_documents(tokens, offsets, config), whole, rtol=1e-5, atol=1e-6)
+    # queries take their own path (one scatter-add into a view of each chunk's rows)
+    np.testing.assert_allclose(encode_queries(tokens, offsets, config), whole_queries, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def test_quantize_is_the_rounded_per_row_scaling_bit_for_bit(dtype, levels):
     expected = np.rint(wide * (levels / scale)).astype(np.int8)
     assert np.array_equal(token_codec.quantize(x, levels), expected)
     assert token_codec.quantize(np.zeros((0, 384), dtype), levels).shape == (0, 384)
+    # what numpy's formula took, torch.from_numpy does not: a reversed view, big-endian values
+    assert np.array_equal(token_codec.quantize(x[::-1], levels), expected[::-1])
+    assert np.array_equal(token_codec.quantize(x.astype(x.dtype.newbyteorder(">")), levels), expected)
 
 @pytest.mark.parametrize("codec, min_top10", [("int8", 9), ("int4", 8)])
 def test_maxsim_ranking_is_preserved_within_the_error_bound(codec, min_top10):

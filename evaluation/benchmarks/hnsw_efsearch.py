@@ -49,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     queries = load_queries(args.dataset, args.split, args.queries, args.queries)
     flat, _ = open_index(args.flat)
     reference = {qid: flat.rank(flat.encode(text), DEPTH) for qid, text in queries.texts.items()}
+    flat_doc_ids = list(flat.doc_ids)
     del flat
     release_memory()
     hnsw, opened = open_index(args.hnsw)
+    # results are compared by document row: both folders must number the same documents alike
+    if list(hnsw.doc_ids) != flat_doc_ids:
+        parser.error(f"--flat {args.flat} and --hnsw {args.hnsw} do not hold the same documents in the same order")
+    if not hasattr(hnsw.ann, "hnsw"):
+        parser.error(f"--hnsw {args.hnsw} has a {type(hnsw.ann).__name__} FDE index, not an HNSW one (build it with --ann hnsw)")
     qrels = Qrels({qid: rels for qid, rels in queries.qrels.items() if qid in queries.texts})
 
     def ndcg(ranked: dict[str, list[tuple[int, float, int]]]) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,13 @@ def _percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50": round(float(np.percentile(samples_ms, 50)), 2), "p95": round(float(np.percentile(samples_ms, 95)), 2)}
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def measure_throughput(corpus: Path, n_docs: int, config, repeats: int = 2) -> dict[str, object]:
     """Bare encoder vs whole index flow on the same first ``n_docs`` documents, alternated ``repeats`` times.
 
@@ -45,6 +53,16 @@ def measure_throughput(corpus: Path, n_docs: int, config, repeats: int = 2) -> d
     process, ``time.process_time``) are recorded beside wall time: they show what the flow adds
     in work, which steal time on a shared host does not inflate.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    work = Path(tempfile.mkdtemp(prefix="lateflow-bench-"))
+    try:
+        return _measure_throughput(corpus, n_docs, config, repeats, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # `repeats` whole indexes of the sample
+
+
+def _measure_throughput(corpus: Path, n_docs: int, config, repeats: int, work: Path) -> dict[str, object]:
     from flows.index import index_flow
     from storage.corpus import read_corpus
     from storage.atomic import write_parquet
@@ -52,7 +70,6 @@ def measure_throughput(corpus: Path, n_docs: int, config, repeats: int = 2) -> d
     from tasks.encode import EncoderConfig, bulk_threads, length_buckets, load_encoder, resolve_model_path, resolve_precision, select_device, torch_threads
 
     docs = read_corpus(corpus).docs.slice(0, n_docs)
-    work = Path(tempfile.mkdtemp(prefix="lateflow-bench-"))
     sample = work / "corpus.parquet"
     sample_table = docs.select(["doc_id", "title", "text"]).rename_columns(["_id", "title", "text"])
     write_parquet(sample_table, sample)
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precisions", nargs="+", default=["auto"], choices=PRECISION_CHOICES,
         help="encoder precisions of the throughput run, one after another (default: auto, the index default)",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="flow runs per precision, each bracketed by bare passes (default 2)")
+    parser.add_argument("--repeats", type=_at_least_one, default=2, help="flow runs per precision, each bracketed by bare passes (default 2)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.docs > 0 and args.corpus is None:
