@@ -388,6 +388,8 @@ class Encoder:
 
     def encode_queries(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """:meth:`encode_query` for many queries (tokenised together, encoded one by one), results in input order."""
+        if not texts:
+            return []
         for t in texts:
             if not t or not t.strip():
                 raise ValueError("a query is empty")

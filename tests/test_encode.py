@@ -21,6 +21,10 @@ def test_query_of_only_punctuation_still_encodes(encoder):
     assert len(ids) > 0 and np.all(np.isfinite(vecs))
 
 
+def test_no_queries_encode_to_nothing(encoder):
+    assert encoder.encode_queries([]) == []
+
+
 def test_empty_query_is_rejected(encoder):
     with pytest.raises(ValueError, match="empty"):
         encoder.encode_query("   ")
