@@ -63,6 +63,7 @@ def measure_throughput(corpus: Path, n_docs: int, config, repeats: int = 2) -> d
 
 
 def _measure_throughput(corpus: Path, n_docs: int, config, repeats: int, work: Path) -> dict[str, object]:
+    from evaluation.benchmarks.thread_cpu import ThreadCPU
     from flows.index import index_flow
     from storage.corpus import read_corpus
     from storage.atomic import write_parquet
@@ -89,10 +90,11 @@ def _measure_throughput(corpus: Path, n_docs: int, config, repeats: int, work: P
                 encoder.forward_batch([sequences[i] for i in batch])
         return time.perf_counter() - started, time.process_time() - cpu
 
-    def flow_run(index_dir: Path) -> tuple[float, float, float, dict]:
+    def flow_run(index_dir: Path) -> tuple[float, float, float, dict, dict]:
         started, cpu = time.perf_counter(), time.process_time()
-        manifest = index_flow(str(sample), str(index_dir), config)
-        return manifest["build_seconds"], time.perf_counter() - started, time.process_time() - cpu, manifest.get("stage_seconds", {})
+        with ThreadCPU() as threads:
+            manifest = index_flow(str(sample), str(index_dir), config)
+        return manifest["build_seconds"], time.perf_counter() - started, time.process_time() - cpu, manifest.get("stage_seconds", {}), threads.by_group()
 
     encoder.forward_batch(sequences[:8])  # warm-up
     bare = [bare_pass()]
@@ -122,6 +124,8 @@ def _measure_throughput(corpus: Path, n_docs: int, config, repeats: int, work: P
         "cpu_seconds_flow_runs": [round(f[2], 2) for f in flows],
         "flow_vs_bare_cpu": round(min(b[1] for b in bare) / min(f[2] for f in flows), 3),
         "stage_seconds_best_flow": flows[best][3],
+        # which threads did the flow's work (thread_cpu.py): the encoder's pool, the FDE thread, Prefect's own
+        "cpu_seconds_by_thread_best_flow": flows[best][4],
     }
 
 
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(best of {thr['flow_seconds_runs']} s in the flow, {thr['flow_wall_seconds_incl_prefect']} s wall incl. Prefect start): "
                 f"flow = {thr['flow_vs_bare']:.1%} of bare (target >= 90%); each run against its neighbouring bare passes: "
                 f"{', '.join(f'{r:.1%}' for r in thr['flow_vs_neighbouring_bare_runs'])}; CPU seconds bare {thr['cpu_seconds_bare_runs']}, "
-                f"flow {thr['cpu_seconds_flow_runs']}: {thr['flow_vs_bare_cpu']:.1%}\n  best flow run by stage (s): {stages}",
+                f"flow {thr['cpu_seconds_flow_runs']}: {thr['flow_vs_bare_cpu']:.1%}\n  best flow run by stage (s): {stages}"
+                f"\n  its CPU seconds by thread: {', '.join(f'{k} {v:.1f}' for k, v in thr['cpu_seconds_by_thread_best_flow'].items())}",
                 flush=True,
             )
         result["throughput"] = by_precision[args.precisions[0]]
