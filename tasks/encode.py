@@ -287,6 +287,7 @@ class Encoder:
         vocab = min(len(self.tokenizer), 30000)
         rng = np.random.default_rng(0)
         for length in lengths:
+            length = min(length, self.max_length - 2)  # a model with few positions
             ids = rng.integers(min(1000, vocab - 1), vocab, length + 2)
             ids[0], ids[-1] = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
             input_ids = torch.from_numpy(ids[None, :]).to(self.device)
