@@ -27,6 +27,7 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -125,13 +126,60 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
     return pq.read_table(inner, columns=columns, filesystem=filesystem)
 
 
-def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
-    """The Arrow schema of a Parquet file (its footer only), from a local path or URL."""
+# Streaming reads: Parquet pages come through a buffer of this size instead of a whole column chunk
+# at a time (pyarrow's default: a 4.9 GB single-row-group token store was held whole while decoding)
+_STREAM_BUFFER_BYTES = 8 << 20
+STREAM_BATCH_BYTES = 64 << 20  # target size of one streamed batch (uncompressed, from the footer)
+
+
+def iter_parquet_batches(
+    path: str | os.PathLike, columns: list[str], *, batch_bytes: int = STREAM_BATCH_BYTES
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` of a Parquet file (local path or URL), read a page at a time.
+
+    Memory stays near one batch of about ``batch_bytes`` (the rows per batch come from the footer's
+    uncompressed sizes of these columns) whatever the file's row-group sizes, so a large file can be
+    copied straight into a preallocated array: ``pq.read_table`` would hold the whole file, plus a
+    copy when its row groups are combined.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     _ = write_parquet(pa.table({"x": list(range(1000)), "y": ["a"] * 1000}), f"{folder}/t.parquet")
+    ...     batches = list(iter_parquet_batches(f"{folder}/t.parquet", ["x"], batch_bytes=4_000))
+    >>> len(batches), sum(b.num_rows for b in batches), batches[0].schema.names
+    (3, 1000, ['x'])
+    """
     if is_local(path):
-        return pq.read_schema(local_path(path))
+        handle = open(local_path(path), "rb")  # noqa: SIM115 - closed below, with the reader
+    else:
+        filesystem, inner = resolve(path)
+        handle = filesystem.open_input_file(inner)
+    with handle, pq.ParquetFile(handle, pre_buffer=False, buffer_size=_STREAM_BUFFER_BYTES) as reader:
+        meta, wanted = reader.metadata, set(columns)
+        column_bytes = sum(
+            meta.row_group(g).column(c).total_uncompressed_size
+            for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+            if meta.row_group(g).column(c).path_in_schema.split(".")[0] in wanted
+        )
+        rows = max(1, int(batch_bytes * meta.num_rows // max(1, column_bytes)))
+        yield from reader.iter_batches(batch_size=rows, columns=columns)
+
+
+def read_parquet_metadata(path: str | os.PathLike) -> pq.FileMetaData:
+    """The footer of a Parquet file (schema, row count, row groups), from a local path or URL."""
+    if is_local(path):
+        return pq.read_metadata(local_path(path))
     filesystem, inner = resolve(path)
     with filesystem.open_input_file(inner) as handle:
-        return pq.read_schema(handle)
+        return pq.read_metadata(handle)
+
+
+def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
+    """The Arrow schema of a Parquet file (its footer only), from a local path or URL."""
+    return read_parquet_metadata(path).schema.to_arrow_schema()
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd") -> str:

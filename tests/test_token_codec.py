@@ -140,6 +140,59 @@ def test_transcoded_token_file_reads_back_decoded(tmp_path, codec, dim, batch_ro
     assert np.array_equal(token_ids, original.token_ids) and np.array_equal(offsets, original.offsets)
 
 
+@pytest.mark.parametrize("codec", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int8])
+def test_streamed_reading_equals_decoding_the_whole_store_at_any_batch_size(tmp_path, codec, dtype):
+    """Vectors stream into the result a batch at a time: the batch size and the file's row groups change nothing."""
+    rng = np.random.default_rng(6)
+    source = tmp_path / "f16.parquet"
+    table = float16_token_file(source, rng, 15 if codec == "int4" else 16, lengths=(3, 0, 5, 1, 7) * 40)
+    target = tmp_path / f"{codec}.parquet"
+    if codec == "float16":
+        pq.write_table(table, target, compression="none", row_group_size=17)  # many row groups
+    else:
+        files.transcode_token_file(source, target, codec, batch_rows=29)
+    dim = table.schema.field("embeddings").metadata[b"dim"]
+    stored = np.frombuffer(b"".join(v.as_py() for v in pq.read_table(target).column("embeddings")), dtype=token_codec.get_codec(codec).dtype)
+    whole = token_codec.decode(stored.reshape(-1, token_codec.get_codec(codec).width(int(dim))), codec, np.float32, int(dim))
+    reads = [files.read_token_store(target, dtype, batch_bytes=b) for b in (1, 700, 1 << 26)]  # one chunk, a few, all
+    for store in reads:
+        assert store.vectors.dtype == np.dtype(dtype) and store.vectors.flags.c_contiguous
+        # the result owns its memory: no Arrow buffer of the file stays alive behind it
+        assert store.vectors.base is None and store.token_ids.base is None
+        assert np.array_equal(store.offsets, reads[0].offsets) and np.array_equal(store.token_ids, reads[0].token_ids)
+        if dtype == np.int8:
+            assert np.array_equal(store.vectors, reads[0].vectors) and np.array_equal(store.row_scale, reads[0].row_scale)
+            assert np.allclose(store.unit_vectors(np.arange(len(whole))), whole, atol=0.02)
+        else:
+            assert store.row_scale is None and np.array_equal(store.vectors, whole.astype(dtype))
+    assert reads[0].n_chunks == table.num_rows and np.array_equal(np.diff(reads[0].offsets), [3, 0, 5, 1, 7] * 40)
+
+
+def test_a_version_1_token_store_still_reads(tmp_path):
+    """Indexes of format version 1 stored vectors as nested float16 lists; they open as before."""
+    rng = np.random.default_rng(7)
+    lengths, dim = (2, 0, 4), 8
+    vectors = [unit_rows(rng, n, dim).astype(np.float16) for n in lengths]
+    nested = pa.array([v.tolist() for v in vectors], type=pa.list_(pa.list_(pa.float16(), dim)))
+    ids = pa.array([list(range(n)) for n in lengths], type=pa.list_(pa.int32()))
+    pq.write_table(pa.table({"chunk_id": pa.array([0, 1, 2], pa.int64()), "token_ids": ids, "embeddings": nested}), tmp_path / "v1.parquet")
+    flat = np.concatenate(vectors)
+    store = files.read_token_store(tmp_path / "v1.parquet", np.float32)
+    assert np.array_equal(store.offsets, [0, 2, 2, 6]) and np.array_equal(store.vectors, flat.astype(np.float32))
+    codes = files.read_token_store(tmp_path / "v1.parquet", np.int8)
+    assert np.allclose(codes.unit_vectors(np.arange(6)), flat.astype(np.float32), atol=0.02)
+
+
+def test_a_truncated_token_store_names_the_file(tmp_path):
+    rng = np.random.default_rng(8)
+    float16_token_file(tmp_path / "tokens.parquet", rng, lengths=(3, 0, 5, 1, 7) * 50)
+    data = (tmp_path / "tokens.parquet").read_bytes()
+    (tmp_path / "tokens.parquet").write_bytes(data[: len(data) // 2] + data[-2000:])  # a hole in the middle
+    with pytest.raises(IndexFormatError, match=r"tokens\.parquet"):
+        files.read_token_store(tmp_path / "tokens.parquet")
+
+
 def test_transcoding_tables_in_flight_equals_transcoding_the_file(tmp_path):
     """The index flow transcodes each gathered table (no staged float16 copy): same bytes as the file path."""
     rng = np.random.default_rng(5)

@@ -51,13 +51,14 @@ of dim 384, float16), which is only read.
   ``{"synthetic": true}``, and ids ``syn<seed>-<n>``. Reused real rows are bit-identical.
 
 Why so short: 100k scifact-like documents (1.9 chunks of 179 tokens each) would hold ~34M token
-vectors, 26 GB in float16; this machine has 24 GB shared with other work. The engine keeps the
-store in memory (int8 here, ``--token-memory``, as a default index is served; see ``token_memory``
-in :meth:`LateIndex.open`), and reading ``tokens.parquet`` peaks at ~2.5x the store's float16 size
-(Parquet decode buffers; measured), so at 100k the store must stay near 5 GB: 1.77M real + ~4.55M
-synthetic rows = ~6.3M rows, 4.9 GB in float16 (2.4 GB held as int8). ``tokens.parquet`` is
-written as one row group (a multi-row-group file costs one more copy of the store when the engine
-combines the column's chunks).
+vectors, 26 GB in float16 on disk (this machine has ~13 GB of disk to spare) and 13 GB held as int8
+per opening of the folder (``--token-memory``, as a default index is served; see ``token_memory``
+in :meth:`LateIndex.open`), twice that when brute force gets its own opening, in 24 GB of RAM that
+the corpus build also needs (it gathers the flat float16 store). So at 100k the store stays near 5
+GB: 1.77M real + ~4.55M synthetic rows = ~6.3M rows, 4.9 GB in float16 (2.4 GB held as int8).
+(Before 2026-12-01 the engine also read ``tokens.parquet`` whole, peaking at ~2.5x its size; it now
+streams it, see :func:`storage.index_files.read_token_store`.) ``tokens.parquet`` is written as one
+row group, which no longer matters to readers.
 
 How the recipe can flatter or hurt each system:
 
