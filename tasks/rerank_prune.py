@@ -148,3 +148,72 @@ def maxsim_top_groups(
     scores = np.full(len(set_ids), -np.inf, dtype=np.float32)
     scores[keep] = maxsim_candidates(query, tokens, offsets, set_ids[keep], weights, row_scale)
     return scores, len(keep) / len(set_ids)
+
+
+def maxsim_exhaustive_top_groups(
+    queries: list[np.ndarray],
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    group_offsets: np.ndarray,
+    k: int,
+    row_scale: np.ndarray | None = None,
+    *,
+    block_values: int = 1 << 25,
+) -> np.ndarray:
+    """Brute force with the same guarantee as :func:`maxsim_top_groups`: every set of the store is a candidate.
+
+    Returns float32 (n_queries, n_sets): the exact MaxSim of every set that can be among a query's
+    top ``k`` groups or their best sets, ``-inf`` for the others, so the top ``k`` groups, their
+    order, scores and best sets are those of :func:`tasks.rerank.maxsim_exhaustive`. The int8 pass
+    reads the store in contiguous blocks (no gather) with every query's codes stacked, one
+    ``int8 x int8`` product per block, at most ``block_values`` int32 similarities at a time; only
+    the survivors (~2% of scifact's chunks for a top 100) are re-scored exactly. Falls back to the
+    plain brute force where there are no int8 codes.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> from storage.token_codec import int8_rows, encode
+    >>> from tasks.rerank import maxsim_exhaustive
+    >>> unit = rng.normal(size=(600, 16)).astype(np.float32); unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    >>> store, scale = int8_rows(encode(unit, "int8"), "int8")
+    >>> offsets = np.concatenate([[0, 0], np.arange(6, 601, 6)]); groups = np.append(np.arange(0, 101, 3), 101)  # set 0 is empty
+    >>> qs = [rng.normal(size=(n, 16)).astype(np.float32) for n in (4, 7)]
+    >>> pruned = maxsim_exhaustive_top_groups(qs, store, offsets, groups, 5, scale, block_values=200)
+    >>> exact = maxsim_exhaustive(qs, store, offsets, row_scale=scale)
+    >>> top = lambda s: np.argsort(-group_max(s, groups)[0], kind="stable")[:5].tolist()
+    >>> all(top(p) == top(e) for p, e in zip(pruned, exact)), bool(np.isinf(pruned).any())
+    (True, True)
+    """
+    from tasks.rerank import maxsim_exhaustive
+
+    n_sets, n_groups = len(offsets) - 1, len(group_offsets) - 1
+    if not prunable(tokens, row_scale) or n_groups <= k or not queries:
+        return maxsim_exhaustive(queries, tokens, offsets, row_scale=row_scale)
+    quantized = [quantize_query(q) for q in queries]
+    codes = np.ascontiguousarray(np.concatenate([c for c, _, _ in quantized]))
+    q_offsets = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
+    approx = np.full((len(queries), n_sets), -np.inf, dtype=np.float32)
+    lengths = np.diff(offsets)
+    block_rows = max(1, block_values // max(1, len(codes)))
+    first = 0
+    while first < n_sets:
+        last = int(np.searchsorted(offsets, offsets[first] + block_rows, side="right")) - 1
+        last = min(max(last, first + 1), n_sets)
+        lo, hi = int(offsets[first]), int(offsets[last])
+        nonempty = first + np.flatnonzero(lengths[first:last] > 0)
+        if len(nonempty):
+            sim = int8_matmul(codes, tokens[lo:hi]).astype(np.float32)  # (all query tokens, rows): exact int32 values
+            sim *= row_scale[lo:hi]
+            maxima = np.maximum.reduceat(sim, offsets[nonempty] - lo, axis=1)  # (all query tokens, non-empty sets)
+            for i, (_, scales, _) in enumerate(quantized):
+                approx[i, nonempty] = scales @ maxima[q_offsets[i] : q_offsets[i + 1]]
+        first = last
+    out = np.full_like(approx, -np.inf)
+    for i, (query, (_, _, residuals)) in enumerate(zip(queries, quantized)):
+        bound = float(residuals.sum()) + _ROUNDING_SLACK * len(residuals)
+        group_best, _ = group_max(approx[i], group_offsets)
+        kth = np.partition(group_best, n_groups - k)[n_groups - k]
+        keep = np.arange(n_sets) if not np.isfinite(kth) else np.flatnonzero(approx[i] >= kth - 2 * bound)
+        out[i, keep] = maxsim_candidates(query, tokens, offsets, keep, None, row_scale)
+    return out

@@ -144,3 +144,45 @@ def test_empty_sets_never_win(k):
     got, want = _top(pruned, groups, k), _top(exact, groups, k)
     finite = np.isfinite(want[1])
     assert np.array_equal(got[0][finite], want[0][finite]) and not {0, 2, 4} & set(got[0][np.isfinite(got[1])].tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000), n_groups=st.integers(1, 40), dim=st.integers(4, 48), n_queries=st.integers(1, 4),
+    k=st.integers(1, 12), block_values=st.sampled_from([1, 50, 700, 1 << 25]),
+)
+def test_pruned_brute_force_has_the_exact_top_groups_of_every_query(seed, n_groups, dim, n_queries, k, block_values):
+    from tasks.rerank import maxsim_exhaustive
+
+    rng = np.random.default_rng(seed)
+    group_offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 4, size=n_groups))]).astype(np.int64)
+    store, row_scale, offsets = _int8_store(rng, rng.integers(0, 12, size=int(group_offsets[-1])), dim)
+    queries = [_unit_query(rng, int(rng.integers(1, 9)), dim) for _ in range(n_queries)]
+    pruned = rerank_prune.maxsim_exhaustive_top_groups(queries, store, offsets, group_offsets, k, row_scale, block_values=block_values)
+    exact = maxsim_exhaustive(queries, store, offsets, row_scale=row_scale)
+    assert pruned.shape == exact.shape == (n_queries, len(offsets) - 1)
+    for p, e in zip(pruned, exact):
+        got, want = _top(p, group_offsets, k), _top(e, group_offsets, k)
+        finite = np.isfinite(want[1])
+        assert np.array_equal(got[0][finite], want[0][finite]) and np.array_equal(got[2][finite], want[2][finite])
+        assert np.allclose(got[1][finite], want[1][finite], atol=1e-5)
+        scored = np.isfinite(p)
+        assert np.allclose(p[scored], e[scored], atol=1e-5)
+
+
+def test_pruned_brute_force_prunes_and_needs_its_margin(monkeypatch):
+    """On spread scores most sets are cut; without the 2 * bound margin the top k would be wrong somewhere."""
+    from tasks.rerank import maxsim_exhaustive
+
+    rng = np.random.default_rng(4)
+    dim, n_groups = 32, 300
+    store, row_scale, offsets = _int8_store(rng, rng.integers(1, 10, size=n_groups), dim)
+    groups = np.arange(n_groups + 1)
+    queries = [_unit_query(rng, 6, dim) for _ in range(40)]
+    exact = maxsim_exhaustive(queries, store, offsets, row_scale=row_scale)
+    pruned = rerank_prune.maxsim_exhaustive_top_groups(queries, store, offsets, groups, 5, row_scale)
+    assert np.isinf(pruned).mean() > 0.5
+    assert all(np.array_equal(_top(p, groups, 5)[0], _top(e, groups, 5)[0]) for p, e in zip(pruned, exact))
+    monkeypatch.setattr(rerank_prune, "_ROUNDING_SLACK", -1.0)  # a negative margin: cuts sets that belong in the top k
+    broken = rerank_prune.maxsim_exhaustive_top_groups(queries, store, offsets, groups, 5, row_scale)
+    assert not all(np.array_equal(_top(p, groups, 5)[0], _top(e, groups, 5)[0]) for p, e in zip(broken, exact))

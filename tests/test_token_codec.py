@@ -317,3 +317,24 @@ def test_token_memory_auto_keeps_compressed_stores_compressed_and_never_overfill
     assert _token_memory_dtype("float16", 1_000, "int8") == np.float16
     with pytest.raises(ValueError, match="token_memory must be one of"):
         _token_memory_dtype("bfloat16", 1_000)
+
+
+@pytest.mark.parametrize("k", [1, 10, 45])
+def test_brute_force_with_the_prefilter_equals_brute_force_without(codec_indexes, limit_small, k):
+    """rank_exhaustive on an int8 store prunes by default: the same top k (documents, order, scores, best chunks)."""
+    from evaluation.datasets import load_dataset
+    from lateflow.engine import LateIndex
+
+    root, _ = codec_indexes
+    # int8 in memory whatever the file holds (an earlier test may have switched this folder's codec)
+    index = LateIndex.open(root / "int8", token_memory="int8")
+    assert index.tokens.row_scale is not None and len(index) > k
+    texts = list(load_dataset(limit_small).queries.values())[:30]
+    queries = [index.encode(t) for t in texts]
+    pruned, plain = index.rank_exhaustive(queries, k), index.rank_exhaustive(queries, k, prefilter=False)
+    for got, want in zip(pruned, plain):
+        assert [(d, c) for d, _, c in got] == [(d, c) for d, _, c in want]
+        assert np.allclose([s for _, s, _ in got], [s for _, s, _ in want], atol=1e-5)
+    # the index's setting is the default; off, it scores everything as before
+    off = LateIndex.open(root / "int8", token_memory="int8", rerank_prefilter=False)
+    assert off.rank_exhaustive(queries[:3], k) == off.rank_exhaustive(queries[:3], k, prefilter=False)

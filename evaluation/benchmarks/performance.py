@@ -15,13 +15,15 @@ Steps (each also runs on its own; see its module):
    ``WORK/scifact-*`` from the same segment cache: FDE stage and ANN only), and the two rerank
    scopes (retrieved chunks / every chunk of the candidate documents) on the default index;
    :mod:`evaluation.benchmarks.hnsw_storage`: HNSW storage (float32 / fp16 / SQ8) and efSearch
-   against flat search; :mod:`evaluation.benchmarks.rerank_prefilter`: the rerank with and without
-   its int8 prefilter;
+   against flat search; :mod:`evaluation.benchmarks.rerank_prefilter`: the rerank, and brute force
+   (``--exhaustive``, test queries), with and without their int8 prefilter;
 5. :mod:`evaluation.benchmarks.candidates_table`: the MUVERA paper's Table 1 (FDE settings against
    the token heuristic; tuned on train, reported on test);
-6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact from 1k to 10k (100k with
-   ``--large``, followed by :mod:`evaluation.benchmarks.hnsw_efsearch` on the 100k corpus, train
-   queries) documents with flat, HNSW and IVF-PQ FDE indexes;
+6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact (and brute force scoring
+   every chunk in float32) from 1k to 10k (100k with ``--large``, followed by
+   :mod:`evaluation.benchmarks.hnsw_efsearch` on the 100k corpus, train queries, and
+   :mod:`evaluation.benchmarks.open_memory` on the default index and the 100k HNSW folder)
+   documents with flat, HNSW and IVF-PQ FDE indexes;
 7. :mod:`evaluation.benchmarks.memory`: bytes per document and token-store / FDE-index compression
    against nDCG@10, on scifact test and cranfield (indexes with ``--token-codec float16``, the
    encoder's own vectors, which the study compresses).
@@ -62,7 +64,9 @@ def _step(name: str, main, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.benchmarks import candidates_sweep, candidates_table, hnsw_efsearch, hnsw_storage, memory, pipeline, precision, rerank_prefilter, scaling
+    from evaluation.benchmarks import (
+        candidates_sweep, candidates_table, hnsw_efsearch, hnsw_storage, memory, open_memory, pipeline, precision, rerank_prefilter, scaling,
+    )
     from lateflow.cli import main as lateflow_main
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -113,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         _step("rerank prefilter", rerank_prefilter.main, [
             str(scifact), "--index", str(index), "--k", "10", "100", "--out", str(REPORTS / "rerank-prefilter-scifact-train.md"),
         ])
+        _step("brute-force prefilter", rerank_prefilter.main, [
+            str(scifact), "--index", str(index), "--split", "test", "--max-queries", "100", "--k", "10", "100", "--exhaustive",
+            "--out", str(REPORTS / "exhaustive-prefilter-scifact-test.md"),
+        ])
     if "candidates" in wanted:
         _step("candidates table", candidates_table.main, [
             str(scifact), "--index", str(index), "--cache-dir", str(args.work / "candidates-table"),
@@ -123,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             "--sizes", "1000", "full", "10000", "--dataset", str(scifact), "--source-index", str(index), "--scale-dir", str(args.work / "scale"),
             "--exact-token-memory", "float32", "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
         ])
-        if args.large:  # brute force on int8 here: a float32 opening does not fit beside the served one in 24 GB
+        if args.large:  # HNSW first: the float32 brute-force opening sits beside the smaller served index
             _step("scaling 100k", scaling.main, [
-                "--sizes", "100000", "--latency-queries", "50", "--dataset", str(scifact), "--source-index", str(index),
-                "--scale-dir", str(args.work / "scale"), "--merge", "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
+                "--sizes", "100000", "--ann", "hnsw", "flat", "--latency-queries", "50", "--dataset", str(scifact),
+                "--source-index", str(index), "--scale-dir", str(args.work / "scale"), "--exact-token-memory", "float32",
+                "--merge", "--reuse", "--out", str(REPORTS / "scaling-scifact.md"),
             ])
             large = args.work / "scale" / "scifact-n100000-seed0"
+            _step("open memory", open_memory.main, [str(index), str(large / "hnsw"), "--token-memory", "int8", "--out", str(REPORTS / "open-memory.md")])
             _step("hnsw efSearch 100k", hnsw_efsearch.main, [
                 str(scifact), "--split", "train", "--flat", str(large / "flat"), "--hnsw", str(large / "hnsw"),
                 "--out", str(REPORTS / "hnsw-efsearch-100k-train.md"),

@@ -11,11 +11,15 @@ What is measured, per corpus size and FAISS index kind (``flat``, ``hnsw``, ``iv
 lateflow index folder opened with :meth:`lateflow.engine.LateIndex.open` (one query thread):
 
 * ``fde-rerank`` = ``index.rank(index.encode(q), 10)`` (the default search: default candidate count)
-  and ``maxsim-exact`` = ``index.rank_exhaustive([index.encode(q)], 10)``, each timed per query with
-  the query encoding inside the timed region, after ``--warmup`` untimed queries. Latency p50/p95
+  and ``maxsim-exact`` = ``index.rank_exhaustive([index.encode(q)], 10)`` on the same opening, whose
+  int8 prefilter re-scores exactly only the chunks that can reach the top (the exact top 10, the
+  fastest brute force we have: since 2026-12-01; earlier reports timed the next one as maxsim-exact),
+  and brute force scoring every chunk (``prefilter=False``, on the ``--exact-token-memory``
+  opening), each timed per query with the query encoding inside the timed region, after
+  ``--warmup`` untimed queries. Latency p50/p95
   is taken over a fixed subset of ``--latency-queries`` scifact test queries (chosen by a hash of
-  their ids, :func:`evaluation.datasets.subsample`); the two systems alternate query by query, so
-  machine noise hits both alike. ``maxsim-exact`` does not depend on the ANN index, so it is
+  their ids, :func:`evaluation.datasets.subsample`); the systems alternate query by query, so
+  machine noise hits them alike. ``maxsim-exact`` does not depend on the ANN index, so it is
   measured once per size (beside the first index kind).
 * nDCG@10 (ranx, :mod:`evaluation.scoring`) of both systems over ``--ndcg-queries`` test queries;
   above ``--exact-all-max-docs`` documents brute force is run on the latency subset only, and the
@@ -772,31 +776,38 @@ def open_index(folder: Path, token_memory: str = "int8"):
 
 
 def measure_kind(index, queries: Queries, with_exact: bool, exact_all: bool, warmup: int, exact_batch: int, exact_index: Any = None) -> dict[str, Any]:
-    """fde-rerank on every nDCG query (and maxsim-exact, alternating, on the latency subset) on one opened index.
+    """fde-rerank on every nDCG query (and both brute forces, alternating, on the latency subset) on one opened index.
 
-    ``exact_index``: the same folder opened with another token store for maxsim-exact (default: ``index``).
+    ``maxsim-exact`` is ``rank_exhaustive`` on ``index`` itself: with its int8 store, the prefilter
+    prunes what cannot reach the top (same results, the fastest exact method we have).
+    ``maxsim-exact-plain`` scores every chunk exactly (``prefilter=False``) on ``exact_index``, the
+    same folder opened with another token store (e.g. float32, plain brute force's fastest kernel;
+    default: ``index``).
     """
     brute = exact_index or index
     fde = lambda text: index.rank(index.encode(text), DEPTH)  # noqa: E731 - the engine's default search
-    exact = lambda text: brute.rank_exhaustive([brute.encode(text)], DEPTH)[0]  # noqa: E731
+    exact = lambda text: index.rank_exhaustive([index.encode(text)], DEPTH)[0]  # noqa: E731
+    plain = lambda text: brute.rank_exhaustive([brute.encode(text)], DEPTH, prefilter=False)[0]  # noqa: E731
     latency_texts = [queries.texts[q] for q in queries.latency_ids]
     for text in latency_texts[:warmup]:  # model, BLAS, FAISS and page-cache warm-up
         fde(text)
         if with_exact:
             exact(text)
-    runs: dict[str, dict[str, dict[str, float]]] = {"fde-rerank": {}, "maxsim-exact": {}}
-    ms: dict[str, dict[str, float]] = {"fde-rerank": {}, "maxsim-exact": {}}
+            plain(text)
+    runs: dict[str, dict[str, dict[str, float]]] = {"fde-rerank": {}, "maxsim-exact": {}, "maxsim-exact-plain": {}}
+    ms: dict[str, dict[str, float]] = {"fde-rerank": {}, "maxsim-exact": {}, "maxsim-exact-plain": {}}
     for qid, text in queries.texts.items():
         ranked, ms["fde-rerank"][qid] = _timed(lambda: fde(text))
         runs["fde-rerank"][qid] = _as_run(index, ranked)
         if with_exact and qid in queries.latency_ids:
-            ranked, ms["maxsim-exact"][qid] = _timed(lambda: exact(text))
-            runs["maxsim-exact"][qid] = _as_run(index, ranked)
+            for name, system in (("maxsim-exact", exact), ("maxsim-exact-plain", plain)):
+                ranked, ms[name][qid] = _timed(lambda: system(text))
+                runs[name][qid] = _as_run(index, ranked)
     if with_exact and exact_all:
         rest = [q for q in queries.texts if q not in runs["maxsim-exact"]]
         for first in range(0, len(rest), exact_batch):  # untimed: batched brute force, for nDCG only
             batch = rest[first : first + exact_batch]
-            ranked = brute.rank_exhaustive([brute.encode(queries.texts[q]) for q in batch], DEPTH)
+            ranked = index.rank_exhaustive([index.encode(queries.texts[q]) for q in batch], DEPTH)
             runs["maxsim-exact"].update({q: _as_run(index, r) for q, r in zip(batch, ranked)})
     return {"runs": runs, "ms": ms}
 
@@ -943,7 +954,8 @@ def measure_size(size_label: str, manifests: dict[str, dict[str, Any]], folders:
         memory["measure_peak_rss_gib"] = peak_rss_gib()
         work = rerank_work(index, [queries.texts[q] for q in queries.latency_ids])
         if with_exact:
-            exact = {"run": measured["runs"]["maxsim-exact"], "ms": measured["ms"]["maxsim-exact"]}
+            exact = {"run": measured["runs"]["maxsim-exact"], "ms": measured["ms"]["maxsim-exact"], "plain_ms": measured["ms"]["maxsim-exact-plain"]}
+            exact["plain_agrees"] = _same_top(measured["runs"]["maxsim-exact"], measured["runs"]["maxsim-exact-plain"])
         profile = profile_fde_rerank(index, [queries.texts[q] for q in queries.latency_ids]) if f"{size_label}:{kind}" in args.profile else None
         manifest = manifests[kind]
         scaling = manifest["scaling"]
@@ -962,6 +974,8 @@ def measure_size(size_label: str, manifests: dict[str, dict[str, Any]], folders:
                 "fde_rerank_ms": _latency(measured["ms"]["fde-rerank"], queries.latency_ids),
                 "fde_rerank_ms_all_queries": _latency(measured["ms"]["fde-rerank"], list(queries.texts)),
                 "maxsim_exact_ms": _latency(exact["ms"], queries.latency_ids),
+                "maxsim_exact_plain_ms": _latency(exact["plain_ms"], queries.latency_ids),
+                "maxsim_exact_plain_agrees": exact["plain_agrees"],
                 "latency_queries": len(queries.latency_ids),
                 "quality": quality(queries.qrels, measured["runs"]["fde-rerank"], exact["run"]),
                 "rerank_work": work,
@@ -975,6 +989,19 @@ def measure_size(size_label: str, manifests: dict[str, dict[str, Any]], folders:
     return rows
 
 
+def _same_top(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], k: int = 10) -> float:
+    """Share of the queries both runs answered whose top ``k`` document ids are the same, in order.
+
+    Examples
+    --------
+    >>> _same_top({"q1": {"a": 2.0, "b": 1.0}, "q2": {"a": 1.0}}, {"q1": {"a": 2.0, "b": 1.0}, "q2": {"c": 1.0}})
+    0.5
+    """
+    top = lambda run: [d for d, _ in sorted(run.items(), key=lambda item: -item[1])[:k]]  # noqa: E731
+    common = [q for q in a if q in b]
+    return round(sum(top(a[q]) == top(b[q]) for q in common) / len(common), 4) if common else 0.0
+
+
 def ratio_target(size_label: str, docs: int) -> float | None:
     return RATIO_TARGETS.get(FULL) if size_label == FULL else RATIO_TARGETS.get(docs)
 
@@ -982,7 +1009,9 @@ def ratio_target(size_label: str, docs: int) -> float | None:
 def summary_line(row: dict[str, Any]) -> str:
     f, e, q = row["fde_rerank_ms"], row["maxsim_exact_ms"], row["quality"]
     share = f"{q['share']:.2%}" if q.get("share") is not None else "n/a"
-    return f"fde-rerank p50 {f['p50']:.1f} ms p95 {f['p95']:.1f}; maxsim-exact p50 {e['p50']:.1f} p95 {e['p95']:.1f}; ratio 1/{e['p50'] / f['p50']:.1f}; nDCG@10 share {share}"
+    p = row.get("maxsim_exact_plain_ms") or {}
+    plain = f"; every chunk scored p50 {p['p50']:.1f} (1/{p['p50'] / f['p50']:.1f})" if p else ""
+    return f"fde-rerank p50 {f['p50']:.1f} ms p95 {f['p95']:.1f}; maxsim-exact p50 {e['p50']:.1f} p95 {e['p95']:.1f}; ratio 1/{e['p50'] / f['p50']:.1f}{plain}; nDCG@10 share {share}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1042,24 +1071,43 @@ def _pct(value: float | None) -> str:
     return f"{value:.2%}" if value is not None else "n/a"
 
 
+def _latency_query_counts(report: dict[str, Any]) -> str:
+    """How many queries latency was taken over: one number, or one per size when merged runs differ.
+
+    Examples
+    --------
+    >>> _latency_query_counts({"latency_queries": 50, "rows": [{"size": "full", "latency_queries": 100}, {"size": "100000", "latency_queries": 50}]})
+    '100 (full) / 50 (100000)'
+    >>> _latency_query_counts({"latency_queries": 100, "rows": [{"size": "full", "latency_queries": 100}]})
+    '100'
+    """
+    per_size = {r["size"]: r.get("latency_queries", report["latency_queries"]) for r in report["rows"]}
+    if len(set(per_size.values())) <= 1:
+        return str(next(iter(per_size.values()), report["latency_queries"]))
+    return " / ".join(f"{n} ({size})" for size, n in per_size.items())
+
+
 def render(report: dict[str, Any]) -> str:
     """The Markdown report: corpora, latency/quality table, growth, memory, and profiles."""
     rows = report["rows"]
     lines = [
         f"Scaling study on {report['dataset']} ({report['split']}): fde-rerank (`index.rank(index.encode(q), 10)`, "
-        f"{report['candidates']} candidate chunks) vs maxsim-exact (`index.rank_exhaustive([index.encode(q)], 10)`), query "
-        f"encoding included, one query thread, after {report['warmup']} warm-up queries.",
+        f"{report['candidates']} candidate chunks) vs maxsim-exact (`index.rank_exhaustive([index.encode(q)], 10)` on the same "
+        "opening: the int8 prefilter re-scores exactly only what can reach the top, the fastest exact brute force here) and "
+        "brute force scoring every chunk (`prefilter=False`"
+        f"{', on a ' + report['exact_token_memory'] + ' opening of the folder' if report.get('exact_token_memory') else ''}), query "
+        f"encoding included, one query thread, after {report['warmup']} warm-up queries; the three alternate query by query.",
         "",
         f"machine: {report['machine_line']}",
         "",
-        f"Latency over a fixed {report['latency_queries']} of the test queries (hash of their ids); nDCG@10 over "
+        f"Latency over a fixed {_latency_query_counts(report)} of the test queries (hash of their ids); nDCG@10 over "
         f"{report['ndcg_queries']} queries ({report['exact_note']}). Synthetic distractors: real token rows resampled "
         f"from non-judged scifact chunks ({report['recipe']['min_runs']}..{report['recipe']['max_runs']} runs, mean "
         f"{report['recipe']['mean_tokens']:g} tokens, seed {report['recipe']['seed']}; recipe in the module docstring of "
         "`evaluation/benchmarks/scaling.py`).",
         "",
-        "| size | docs (real + synthetic) | chunks | tokens | ANN | knobs | fde-rerank p50 / p95 ms | maxsim-exact p50 / p95 ms | ratio (p50) | target | nDCG@10 fde / exact (q) | share | fde nDCG@10 (all q) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | docs (real + synthetic) | chunks | tokens | ANN | knobs | fde-rerank p50 / p95 ms | maxsim-exact p50 / p95 ms | ratio (p50) | target | every chunk scored p50 / p95 ms (same top 10) | ratio to it | nDCG@10 fde / exact (q) | share | fde nDCG@10 (all q) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f, e, q = r["fde_rerank_ms"], r["maxsim_exact_ms"], r["quality"]
@@ -1069,9 +1117,11 @@ def render(report: dict[str, Any]) -> str:
         quality_text = f"{q['fde_ndcg']:.4f} / {q['exact_ndcg']:.4f} ({q['exact_queries']})" if "exact_ndcg" in q else "n/a"
         share = q.get("share")
         share_text = f"{_pct(share)} {'met' if share is not None and share >= SHARE_TARGET else 'not met'}" if share is not None else "n/a"
+        p = r.get("maxsim_exact_plain_ms")
+        plain_text = f"{p['p50']:.1f} / {p['p95']:.1f} ({r['maxsim_exact_plain_agrees']:.0%}) | 1/{p['p50'] / f['p50']:.1f}" if p else "- | -"
         lines.append(
             f"| {r['size']} | {r['docs']:,} ({r['real_docs']:,} + {r['synthetic_docs']:,}) | {r['chunks']:,} | {r['tokens']:,} | {r['ann']} | {_knobs(r)} "
-            f"| {f['p50']:.1f} / {f['p95']:.1f} | {e['p50']:.1f} / {e['p95']:.1f} | 1/{e['p50'] / f['p50']:.1f} | {target_text} | {quality_text} | {share_text} "
+            f"| {f['p50']:.1f} / {f['p95']:.1f} | {e['p50']:.1f} / {e['p95']:.1f} | 1/{e['p50'] / f['p50']:.1f} | {target_text} | {plain_text} | {quality_text} | {share_text} "
             f"| {q['fde_ndcg_all']:.4f} ({q['fde_queries']}) |"
         )
     lines += [
@@ -1122,7 +1172,7 @@ def render(report: dict[str, Any]) -> str:
         m = r["memory"]
         lines.append(
             f"| {r['size']} | {r['ann']} | {r['corpus_build_seconds']} | {r['ann_build_seconds']} | {m['open_seconds']} | {m['open_peak_rss_gib']} "
-            f"| {m['rss_after_open_gib']} | {m['measure_peak_rss_gib']} | {m['token_dtype']}{' (maxsim-exact: ' + m['exact_token_dtype'] + ')' if m.get('exact_token_dtype') else ''} |"
+            f"| {m['rss_after_open_gib']} | {m['measure_peak_rss_gib']} | {m['token_dtype']}{' (every-chunk brute force: ' + m['exact_token_dtype'] + ')' if m.get('exact_token_dtype') else ''} |"
         )
     lines += ["", "| size | synthetic tokens (mean per doc) | corpus build s | corpus build peak RSS GiB | ANN build s / peak RSS GiB | disk GiB |", "|---|---|---|---|---|---|"]
     for size, c in report["corpora"].items():
@@ -1178,8 +1228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-memory", default="int8", choices=["int8", "float32", "float16", "auto"], help="LateIndex token_memory (default int8: as a default index, whose store is int8, is served)")
     parser.add_argument(
         "--exact-token-memory", default=None, choices=["int8", "float32", "float16", "auto"],
-        help="token_memory of a second opening of the same folder that maxsim-exact runs on (default: the same as --token-memory); "
-        "float32 gives brute force its fastest kernel while fde-rerank is served as a default index",
+        help="token_memory of a second opening of the same folder that the every-chunk brute force runs on (default: the same "
+        "as --token-memory); float32 gives it its fastest kernel (maxsim-exact itself runs on the served opening, with the prefilter)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up queries per opened index (default 3)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="SIZE:KIND", help="profile fde-rerank with pyinstrument on these configurations, e.g. full:flat 100000:hnsw")
@@ -1244,6 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
         **source_facts,
         "candidates": DEFAULT_CANDIDATES,
         "warmup": args.warmup,
+        "exact_token_memory": args.exact_token_memory,
         "ndcg_queries": len(queries.texts),
         "latency_queries": len(queries.latency_ids),
         "exact_note": f"maxsim-exact on all of them up to {args.exact_all_max_docs:,} documents, on the latency queries above",
