@@ -582,7 +582,8 @@ class LateIndex:
         ``rerank_prefilter``), every chunk is scored by the bounded int8 pass of
         :mod:`tasks.rerank_prune` and only those that can reach the top ``k`` are re-scored exactly:
         the same top ``k`` documents, order, scores and best chunks as scoring every chunk exactly
-        (``prefilter=False``), ~4x faster on scifact (BENCHMARKS.md 5.2).
+        (``prefilter=False``) up to float rounding (exact ties, e.g. duplicate documents, may come
+        in another order), ~3x faster on scifact, ~1.7x at 100k short documents (BENCHMARKS.md 5.2, 5.5).
         """
         vectors = [q.vectors for q in queries]
         if self.rerank_prefilter if prefilter is None else prefilter:

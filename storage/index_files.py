@@ -64,11 +64,11 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch
     ``row_scale`` (:func:`storage.token_codec.int8_rows`).
 
     The vectors are streamed a batch at a time (:func:`storage.fs.iter_parquet_batches`, batches of
-    about ``batch_bytes``, default 64 MB) into one array of their in-memory form, so reading peaks
-    at that array plus one batch. Reading the
-    whole table first held the file's bytes and a combined copy beside the result, and kept the
-    Arrow buffers alive behind it: 12.2 GiB of peak for a 2.3 GiB int8 store at 100k documents, and
-    2.25 GiB resident for a 0.63 GiB one at 5k (measured).
+    about ``batch_bytes``, default 64 MB) into one array of their in-memory form, so no copy of
+    the whole store exists beside it. Reading the whole table first held the file's bytes and a
+    combined copy beside the result, and kept the Arrow buffers alive behind it. Opening the 100k
+    scaling corpus (2.3 GiB held as int8) peaked at 12.3 GiB that way and at 4.0 GiB now; the
+    default scifact index at 2.8 and 1.6 GiB (``evaluation/benchmarks/open_memory.py``, BENCHMARKS 5.4).
     """
     table = _read(path, ["chunk_id", "token_ids"])
     chunk_ids = table.column("chunk_id").to_numpy()
@@ -80,7 +80,7 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch
     token_ids = np.array(ids_col.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]], dtype=np.int32)
     offsets = offsets - offsets[0]
     del table, ids_col
-    field = _read_schema(path).field("embeddings")
+    field = _field(path, _read_schema(path), "embeddings")
     if pa.types.is_large_binary(field.type) or pa.types.is_binary(field.type):
         vectors, row_scale = _stream_binary_matrix(path, field, offsets, dtype, batch_bytes)
     else:  # format version 1: list<fixed_size_list<float16, dim>> (small indexes of early versions)
@@ -94,6 +94,13 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch
         vectors, row_scale = token_codec.int8_rows(vectors, "float16") if np.dtype(dtype) == np.int8 else (vectors.astype(dtype), None)
     pa.default_memory_pool().release_unused()  # the batches' pages go back to the system, not to a later reader
     return TokenStore(vectors=np.ascontiguousarray(vectors), token_ids=token_ids, offsets=offsets, row_scale=row_scale)
+
+
+def _field(path: str | os.PathLike, schema: pa.Schema, name: str) -> pa.Field:
+    """A column of a file's schema, or an IndexFormatError naming the file."""
+    if schema.get_field_index(name) < 0:
+        raise IndexFormatError(f"{path}: no {name!r} column (columns: {', '.join(schema.names)})")
+    return schema.field(name)
 
 
 def _read_schema(path: str | os.PathLike) -> pa.Schema:
@@ -240,14 +247,19 @@ def read_fde(path: str | os.PathLike) -> np.ndarray:
 
     try:
         meta = fs.read_parquet_metadata(path)
-        dim = meta.schema.to_arrow_schema().field("fde").type.list_size
-    except (pa.ArrowInvalid, OSError, KeyError, AttributeError) as exc:
-        raise IndexFormatError(f"{path}: not an FDE file ({exc!r})") from exc
-    fde = np.empty((meta.num_rows, dim), dtype=np.float32)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise IndexFormatError(f"{path}: unreadable Parquet ({exc})") from exc
+    field = _field(path, meta.schema.to_arrow_schema(), "fde")
+    if not pa.types.is_fixed_size_list(field.type):
+        raise IndexFormatError(f"{path}: column 'fde' is {field.type}, expected fixed_size_list<float>")
+    fde = np.empty((meta.num_rows, field.type.list_size), dtype=np.float32)
     row = 0
     try:
         for batch in fs.iter_parquet_batches(path, ["fde"]):
-            values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+            column = batch.column(0)
+            if column.null_count:
+                raise IndexFormatError(f"{path}: column 'fde' has a null row among rows {row}..{row + batch.num_rows - 1}")
+            values = column.flatten().to_numpy(zero_copy_only=False)
             fde[row : row + batch.num_rows] = values.reshape(batch.num_rows, fde.shape[1])
             row += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:

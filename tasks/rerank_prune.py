@@ -15,7 +15,9 @@ the ``k``-th best group's approximate score minus ``2 * bound`` is provably outs
 ``k`` groups, and cannot be the best set of a group inside it: k groups score at least that k-th
 approximate score minus ``bound`` exactly, and the set at most its approximate score plus ``bound``.
 Only the sets above that line are re-scored exactly (~5% of them for a top-10 on scifact), so the
-top ``k`` groups, their order, their scores and their best sets are those of the exact rerank.
+top ``k`` groups, their order, their scores and their best sets are those of the exact rerank
+(up to float rounding: the survivors' float32 sums may differ in the last bit from a product over
+all candidates, so scores that tie exactly, as duplicate documents' do, may come in another order).
 """
 from __future__ import annotations
 
@@ -134,7 +136,7 @@ def maxsim_top_groups(
     """
     set_ids = np.asarray(set_ids, dtype=np.int64)
     n_groups = len(group_offsets) - 1
-    if not prunable(tokens, row_scale) or n_groups <= k or len(set_ids) == 0:
+    if not prunable(tokens, row_scale) or n_groups <= k or k < 1 or len(set_ids) == 0:
         return maxsim_candidates(query, tokens, offsets, set_ids, weights, row_scale), 1.0
     codes, scales, residuals = quantize_query(query)
     w = np.ones(len(codes), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
@@ -164,7 +166,11 @@ def maxsim_exhaustive_top_groups(
 
     Returns float32 (n_queries, n_sets): the exact MaxSim of every set that can be among a query's
     top ``k`` groups or their best sets, ``-inf`` for the others, so the top ``k`` groups, their
-    order, scores and best sets are those of :func:`tasks.rerank.maxsim_exhaustive`. The int8 pass
+    order, scores and best sets are those of :func:`tasks.rerank.maxsim_exhaustive` up to float
+    rounding: the survivors are re-scored by the rerank's kernel (:func:`tasks.rerank.maxsim_candidates`),
+    whose float32 sums may differ from brute force's in the last bit, so groups whose scores tie
+    exactly (duplicate documents) can come in another order, as they can between two blockings of
+    plain brute force. The int8 pass
     reads the store in contiguous blocks (no gather) with every query's codes stacked, one
     ``int8 x int8`` product per block, at most ``block_values`` int32 similarities at a time; only
     the survivors (~2% of scifact's chunks for a top 100) are re-scored exactly. Falls back to the
@@ -188,7 +194,7 @@ def maxsim_exhaustive_top_groups(
     from tasks.rerank import maxsim_exhaustive
 
     n_sets, n_groups = len(offsets) - 1, len(group_offsets) - 1
-    if not prunable(tokens, row_scale) or n_groups <= k or not queries:
+    if not prunable(tokens, row_scale) or n_groups <= k or k < 1 or not queries:
         return maxsim_exhaustive(queries, tokens, offsets, row_scale=row_scale)
     quantized = [quantize_query(q) for q in queries]
     codes = np.ascontiguousarray(np.concatenate([c for c, _, _ in quantized]))
@@ -214,6 +220,9 @@ def maxsim_exhaustive_top_groups(
         bound = float(residuals.sum()) + _ROUNDING_SLACK * len(residuals)
         group_best, _ = group_max(approx[i], group_offsets)
         kth = np.partition(group_best, n_groups - k)[n_groups - k]
-        keep = np.arange(n_sets) if not np.isfinite(kth) else np.flatnonzero(approx[i] >= kth - 2 * bound)
+        if not np.isfinite(kth):  # fewer than k groups hold a token: nothing to prune; blocked, like plain brute force
+            out[i] = maxsim_exhaustive([query], tokens, offsets, row_scale=row_scale)[0]
+            continue
+        keep = np.flatnonzero(approx[i] >= kth - 2 * bound)
         out[i, keep] = maxsim_candidates(query, tokens, offsets, keep, None, row_scale)
     return out

@@ -186,3 +186,19 @@ def test_pruned_brute_force_prunes_and_needs_its_margin(monkeypatch):
     monkeypatch.setattr(rerank_prune, "_ROUNDING_SLACK", -1.0)  # a negative margin: cuts sets that belong in the top k
     broken = rerank_prune.maxsim_exhaustive_top_groups(queries, store, offsets, groups, 5, row_scale)
     assert not all(np.array_equal(_top(p, groups, 5)[0], _top(e, groups, 5)[0]) for p, e in zip(broken, exact))
+
+
+def test_pruned_brute_force_edge_cases():
+    """k = 0, and fewer groups holding a token than k (nothing to prune: every set scored, as plain brute force)."""
+    from tasks.rerank import maxsim_exhaustive
+
+    rng = np.random.default_rng(5)
+    store, row_scale, offsets = _int8_store(rng, [0] * 18 + [30, 30], 16)  # 20 sets, only the last two hold tokens
+    queries = [_unit_query(rng, 4, 16)]
+    groups = np.arange(21)
+    plain = maxsim_exhaustive(queries, store, offsets, row_scale=row_scale)
+    for k in (0, 5):
+        pruned = rerank_prune.maxsim_exhaustive_top_groups(queries, store, offsets, groups, k, row_scale)
+        assert np.array_equal(np.isfinite(pruned), np.isfinite(plain)) and np.allclose(pruned[np.isfinite(pruned)], plain[np.isfinite(plain)], atol=1e-5)
+    scores, share = maxsim_top_groups(queries[0], store, offsets, np.arange(20), groups, 0, row_scale=row_scale)
+    assert share == 1.0

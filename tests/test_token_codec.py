@@ -338,3 +338,25 @@ def test_brute_force_with_the_prefilter_equals_brute_force_without(codec_indexes
     # the index's setting is the default; off, it scores everything as before
     off = LateIndex.open(root / "int8", token_memory="int8", rerank_prefilter=False)
     assert off.rank_exhaustive(queries[:3], k) == off.rank_exhaustive(queries[:3], k, prefilter=False)
+
+
+def test_a_token_store_or_fde_file_without_its_column_or_with_a_null_row_names_the_file(tmp_path):
+    rng = np.random.default_rng(9)
+    table = float16_token_file(tmp_path / "tokens.parquet", rng, lengths=(3, 0, 5))
+    pq.write_table(table.drop_columns(["embeddings"]), tmp_path / "no-embeddings.parquet")
+    with pytest.raises(IndexFormatError, match=r"no-embeddings\.parquet: no 'embeddings' column"):
+        files.read_token_store(tmp_path / "no-embeddings.parquet")
+    fde = files.fde_table(rng.normal(size=(20, 8)).astype(np.float32))
+    pq.write_table(fde, tmp_path / "fde.parquet", row_group_size=3)
+    assert np.array_equal(files.read_fde(tmp_path / "fde.parquet"), fde.column("fde").combine_chunks().flatten().to_numpy().reshape(20, 8))
+    mask = np.zeros(20, bool)
+    mask[4] = True
+    nulled = pa.FixedSizeListArray.from_arrays(fde.column("fde").combine_chunks().values, 8, mask=pa.array(mask))
+    pq.write_table(pa.table({"chunk_id": fde.column("chunk_id"), "fde": nulled}), tmp_path / "fde-null.parquet")
+    with pytest.raises(IndexFormatError, match=r"fde-null\.parquet: column 'fde' has a null row"):
+        files.read_fde(tmp_path / "fde-null.parquet")
+    with pytest.raises(IndexFormatError, match=r"missing\.parquet: unreadable Parquet"):
+        files.read_fde(tmp_path / "missing.parquet")
+    pq.write_table(table, tmp_path / "not-fde.parquet")
+    with pytest.raises(IndexFormatError, match=r"not-fde\.parquet: no 'fde' column"):
+        files.read_fde(tmp_path / "not-fde.parquet")
