@@ -12,6 +12,8 @@ per (row, query token), instead of decoding the rows.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 _BLOCK_ROWS = 1 << 16
@@ -241,22 +243,34 @@ def maxsim_exhaustive(
     q_offsets = np.zeros(len(queries) + 1, dtype=np.int64)
     np.cumsum([len(q) for q in queries], out=q_offsets[1:])
     stacked = np.ascontiguousarray(np.concatenate(queries), dtype=np.float32)
-    n_sets = len(offsets) - 1
-    out = np.full((len(queries), n_sets), -np.inf, dtype=np.float32)
-    lengths = np.diff(offsets)
+    out = np.full((len(queries), len(offsets) - 1), -np.inf, dtype=np.float32)
     buffer = None
+    for lo, hi, nonempty in set_blocks(offsets, block_rows):
+        if buffer is None or len(buffer) < hi - lo:
+            buffer = _block_buffer(tokens, max(hi - lo, block_rows))
+        sim = _similarities(tokens, lo, hi, stacked, row_scale, buffer)  # (rows, all query tokens)
+        maxima = _segment_max(sim, offsets[nonempty] - lo)  # (sets, all query tokens)
+        out[:, nonempty] = np.add.reduceat(maxima, q_offsets[:-1], axis=1).T
+    return out
+
+
+def set_blocks(offsets: np.ndarray, block_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Whole consecutive sets of a CSR store in blocks of about ``block_rows`` rows (at least one set each).
+
+    Yields ``(lo, hi, nonempty)``: the block's rows ``lo:hi`` and its non-empty sets; blocks made
+    only of empty sets are skipped.
+
+    Examples
+    --------
+    >>> [(lo, hi, s.tolist()) for lo, hi, s in set_blocks(np.array([0, 3, 3, 4, 9]), 4)]
+    [(0, 4, [0, 2]), (4, 9, [3])]
+    """
+    n_sets, lengths = len(offsets) - 1, np.diff(offsets)
     first = 0
     while first < n_sets:
         last = int(np.searchsorted(offsets, offsets[first] + block_rows, side="right")) - 1
         last = min(max(last, first + 1), n_sets)
-        lo, hi = int(offsets[first]), int(offsets[last])
-        block_sets = np.arange(first, last)
-        nonempty = block_sets[lengths[first:last] > 0]
+        nonempty = first + np.flatnonzero(lengths[first:last] > 0)
         if len(nonempty):
-            if buffer is None or len(buffer) < hi - lo:
-                buffer = _block_buffer(tokens, max(hi - lo, block_rows))
-            sim = _similarities(tokens, lo, hi, stacked, row_scale, buffer)  # (rows, all query tokens)
-            maxima = _segment_max(sim, offsets[nonempty] - lo)  # (sets, all query tokens)
-            out[:, nonempty] = np.add.reduceat(maxima, q_offsets[:-1], axis=1).T
+            yield int(offsets[first]), int(offsets[last]), nonempty
         first = last
-    return out

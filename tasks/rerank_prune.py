@@ -170,11 +170,12 @@ def maxsim_exhaustive_top_groups(
     rounding: the survivors are re-scored by the rerank's kernel (:func:`tasks.rerank.maxsim_candidates`),
     whose float32 sums may differ from brute force's in the last bit, so groups whose scores tie
     exactly (duplicate documents) can come in another order, as they can between two blockings of
-    plain brute force. The int8 pass
-    reads the store in contiguous blocks (no gather) with every query's codes stacked, one
-    ``int8 x int8`` product per block, at most ``block_values`` int32 similarities at a time; only
-    the survivors (~2% of scifact's chunks for a top 100) are re-scored exactly. Falls back to the
-    plain brute force where there are no int8 codes.
+    plain brute force.
+
+    The int8 pass reads the store in contiguous blocks (no gather) with every query's codes
+    stacked, one ``int8 x int8`` product per block, at most ``block_values`` int32 similarities at a
+    time; only the survivors (~2% of scifact's chunks for a top 100) are re-scored exactly. Falls
+    back to the plain brute force where there are no int8 codes.
 
     Examples
     --------
@@ -191,7 +192,7 @@ def maxsim_exhaustive_top_groups(
     >>> all(top(p) == top(e) for p, e in zip(pruned, exact)), bool(np.isinf(pruned).any())
     (True, True)
     """
-    from tasks.rerank import maxsim_exhaustive
+    from tasks.rerank import maxsim_exhaustive, set_blocks
 
     n_sets, n_groups = len(offsets) - 1, len(group_offsets) - 1
     if not prunable(tokens, row_scale) or n_groups <= k or k < 1 or not queries:
@@ -200,21 +201,12 @@ def maxsim_exhaustive_top_groups(
     codes = np.ascontiguousarray(np.concatenate([c for c, _, _ in quantized]))
     q_offsets = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
     approx = np.full((len(queries), n_sets), -np.inf, dtype=np.float32)
-    lengths = np.diff(offsets)
-    block_rows = max(1, block_values // max(1, len(codes)))
-    first = 0
-    while first < n_sets:
-        last = int(np.searchsorted(offsets, offsets[first] + block_rows, side="right")) - 1
-        last = min(max(last, first + 1), n_sets)
-        lo, hi = int(offsets[first]), int(offsets[last])
-        nonempty = first + np.flatnonzero(lengths[first:last] > 0)
-        if len(nonempty):
-            sim = int8_matmul(codes, tokens[lo:hi]).astype(np.float32)  # (all query tokens, rows): exact int32 values
-            sim *= row_scale[lo:hi]
-            maxima = np.maximum.reduceat(sim, offsets[nonempty] - lo, axis=1)  # (all query tokens, non-empty sets)
-            for i, (_, scales, _) in enumerate(quantized):
-                approx[i, nonempty] = scales @ maxima[q_offsets[i] : q_offsets[i + 1]]
-        first = last
+    for lo, hi, nonempty in set_blocks(offsets, max(1, block_values // max(1, len(codes)))):
+        sim = int8_matmul(codes, tokens[lo:hi]).astype(np.float32)  # (all query tokens, rows): exact int32 values
+        sim *= row_scale[lo:hi]
+        maxima = np.maximum.reduceat(sim, offsets[nonempty] - lo, axis=1)  # (all query tokens, non-empty sets)
+        for i, (_, scales, _) in enumerate(quantized):
+            approx[i, nonempty] = scales @ maxima[q_offsets[i] : q_offsets[i + 1]]
     out = np.full_like(approx, -np.inf)
     for i, (query, (_, _, residuals)) in enumerate(zip(queries, quantized)):
         bound = float(residuals.sum()) + _ROUNDING_SLACK * len(residuals)
