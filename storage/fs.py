@@ -151,12 +151,8 @@ def iter_parquet_batches(
     >>> len(batches), sum(b.num_rows for b in batches), batches[0].schema.names
     (3, 1000, ['x'])
     """
-    if is_local(path):
-        handle = open(local_path(path), "rb")  # noqa: SIM115 - closed below, with the reader
-    else:
-        filesystem, inner = resolve(path)
-        handle = filesystem.open_input_file(inner)
-    with handle, pq.ParquetFile(handle, pre_buffer=False, buffer_size=_STREAM_BUFFER_BYTES) as reader:
+    filesystem, inner = resolve(path)  # local paths too: pyarrow's native file, no Python-level reads
+    with filesystem.open_input_file(inner) as handle, pq.ParquetFile(handle, pre_buffer=False, buffer_size=_STREAM_BUFFER_BYTES) as reader:
         meta, wanted = reader.metadata, set(columns)
         column_bytes = sum(
             meta.row_group(g).column(c).total_uncompressed_size

@@ -39,11 +39,10 @@ def _held_bytes(index: Any) -> dict[str, int]:
 
     tokens = index.tokens
     scale = 0 if tokens.row_scale is None else tokens.row_scale.nbytes
-    ann = index.ann
     try:
-        ann_bytes = int(faiss.serialize_index(faiss.index_gpu_to_cpu(ann) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(ann).__name__ else ann).nbytes)
-    except RuntimeError:
-        ann_bytes = 0
+        ann_bytes = int(faiss.serialize_index(index.ann).nbytes)
+    except RuntimeError:  # a GPU index serialises through its CPU copy
+        ann_bytes = int(faiss.serialize_index(faiss.index_gpu_to_cpu(index.ann)).nbytes)
     return {"tokens": int(tokens.vectors.nbytes + scale + tokens.token_ids.nbytes + tokens.offsets.nbytes), "ann": ann_bytes}
 
 
