@@ -228,7 +228,11 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+            self.add(stage, time.perf_counter() - started)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Count ``seconds`` measured elsewhere (a worker's) towards ``stage``."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def rounded(self) -> dict[str, float]:
         return {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
@@ -262,10 +266,10 @@ def _run_stages(
         chunked = chunk_task.submit(s.docs, s.chunks, model_path, config.chunk)
         encoded = encode_task.submit(s.chunks, s.tokens, encoder_config, config.device, s.fde, fde_config, wait_for=[chunked])
         submitted.append((chunked, encoded, fde_task.submit(s.tokens, s.fde, fde_config, wait_for=[encoded])))
-    with clock("stages_parallel"):
+    with clock("stages_parallel"):  # the wall time of all of them together
         for futures in submitted:
-            for future in futures:
-                future.result()  # raises the first failure of the segment, in stage order
+            for stage, future in zip(("chunk", "encode", "fde"), futures):
+                clock.add(stage, future.result().seconds)  # raises the first failure of the segment, in stage order
 
 
 @task(name="assemble", cache_policy=NO_CACHE)

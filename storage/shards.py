@@ -13,6 +13,8 @@ distributed run on several machines can share one cache on an object store or a 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
@@ -26,6 +28,33 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
         return fs.read_parquet(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise OSError(f"{path}: cannot read Parquet file ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What one stage task did for one shard: the file it guarantees and the wall seconds it took.
+
+    A task that found its file already there reports the few milliseconds of looking. The flow sums
+    ``seconds`` per stage when the tasks run on workers (e.g. Dask), where its own clock sees only
+    the wall time of all of them together.
+    """
+
+    path: str
+    seconds: float
+
+
+def timed_stage(work: Callable[[], str]) -> StageRun:
+    """Run ``work`` (which returns the shard path it guarantees) and time it.
+
+    Examples
+    --------
+    >>> run = timed_stage(lambda: "shard.parquet")
+    >>> run.path, run.seconds >= 0
+    ('shard.parquet', True)
+    """
+    started = time.perf_counter()
+    path = work()
+    return StageRun(str(path), time.perf_counter() - started)
 
 
 def run_cached(out_path: str | os.PathLike, compute: Callable[[], pa.Table], *, compression: str = "zstd") -> str:

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.corpus import full_text
 from storage.hashing import sha256_text
 from storage.schemas import CHUNKS
-from storage.shards import read_table, run_cached
+from storage.shards import StageRun, read_table, run_cached, timed_stage
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,11 @@ def documents_without_chunks(docs: pa.Table, chunks: pa.Table) -> list[str]:
 
 
 @task(name="chunk", cache_policy=NO_CACHE)
-def chunk_task(docs_path: str, out_path: str, model_path: str, config: ChunkConfig) -> str:
+def chunk_task(docs_path: str, out_path: str, model_path: str, config: ChunkConfig) -> StageRun:
     """Prefect task: chunk one shard file of documents into ``out_path`` (skipped if already there).
 
     Chunk ids in shard files start at 0; the flow renumbers them when it assembles the index.
     """
     from tasks.encode import load_tokenizer
 
-    return run_cached(out_path, lambda: chunk_documents(read_table(docs_path), load_tokenizer(model_path), config))
+    return timed_stage(lambda: run_cached(out_path, lambda: chunk_documents(read_table(docs_path), load_tokenizer(model_path), config)))

@@ -30,7 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.schemas import tokens_schema
-from storage.shards import read_table, run_cached
+from storage.shards import StageRun, read_table, run_cached, timed_stage
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # "auto" is resolved to one of PRECISIONS before anything is encoded (resolve_precision): the
@@ -515,12 +515,19 @@ def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Seque
 @task(name="encode", cache_policy=NO_CACHE)
 def encode_task(
     chunks_path: str, out_path: str, config: EncoderConfig, device: str | None = None, fde_path: str | None = None, fde_config: Any = None
-) -> str:
+) -> StageRun:
     """Prefect task: encode one shard of chunks into ``out_path`` (skipped if already there).
 
     With ``fde_path`` and ``fde_config``, the shard's document FDEs are computed while encoding and
     written there too (unless that file exists), so the FDE stage need not read the tokens back.
     """
+    return timed_stage(lambda: encode_shard(chunks_path, out_path, config, device, fde_path, fde_config))
+
+
+def encode_shard(
+    chunks_path: str, out_path: str, config: EncoderConfig, device: str | None = None, fde_path: str | None = None, fde_config: Any = None
+) -> str:
+    """The work of :func:`encode_task`: returns ``out_path``."""
     from storage import fs
     from storage.index_files import fde_table
 

@@ -36,11 +36,14 @@ from __future__ import annotations
 import functools
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+if TYPE_CHECKING:
+    from storage.shards import StageRun
 
 # The final count-sketch draws from default_rng(seed + FINAL_SEED_OFFSET): far away from the
 # per-repetition seeds seed + r (r < R), so the sketch is independent of the SimHash matrices.
@@ -534,13 +537,13 @@ class BackgroundDocumentFDEs:
 
 
 @task(name="fde", cache_policy=NO_CACHE)
-def fde_task(tokens_path: str, out_path: str, config: FDEConfig) -> str:
+def fde_task(tokens_path: str, out_path: str, config: FDEConfig) -> StageRun:
     """Prefect task: document FDEs of one shard's token store into ``out_path`` (skipped if there)."""
     from storage.index_files import fde_table, read_token_store
-    from storage.shards import run_cached
+    from storage.shards import run_cached, timed_stage
 
     def compute():
         store = read_token_store(tokens_path)
         return fde_table(encode_documents(store.vectors, store.offsets, config))
 
-    return run_cached(out_path, compute, compression="none")  # random-looking float32: zstd gains nothing
+    return timed_stage(lambda: run_cached(out_path, compute, compression="none"))  # random-looking float32: zstd gains nothing

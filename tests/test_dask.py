@@ -33,4 +33,8 @@ def test_dask_runner_builds_the_same_index_as_the_default_runner(tmp_path, limit
             per_worker = client.run(_encoders_loaded)
     assert manifest["incremental"]["segments_encoded"] == 4
     assert sum(per_worker.values()) >= 1, per_worker  # the encoding ran in worker processes
+    # the workers' own timings reach the manifest: every stage took time, encoding the most
+    seconds = manifest["stage_seconds"]
+    assert {"chunk", "encode", "fde", "stages_parallel"} <= set(seconds), seconds
+    assert 0 < seconds["chunk"] < seconds["encode"], seconds
     assert_same_index(tmp_path / "default", tmp_path / "dask")
