@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -238,11 +239,8 @@ def read_pooled(path: str | os.PathLike) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size).astype(np.float32)
 
 
-def read_fde(path: str | os.PathLike) -> np.ndarray:
-    """Load ``fde.parquet`` as a float32 (n_chunks, fde_dim) matrix, streamed into it a batch at a time.
-
-    (4.3 GB at 100k chunks of 10,240 dims: reading the table whole held it twice over.)
-    """
+def fde_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """``(n_chunks, fde_dim)`` of ``fde.parquet`` from its footer, without reading the vectors."""
     from storage import fs
 
     try:
@@ -252,18 +250,41 @@ def read_fde(path: str | os.PathLike) -> np.ndarray:
     field = _field(path, meta.schema.to_arrow_schema(), "fde")
     if not pa.types.is_fixed_size_list(field.type):
         raise IndexFormatError(f"{path}: column 'fde' is {field.type}, expected fixed_size_list<float>")
-    fde = np.empty((meta.num_rows, field.type.list_size), dtype=np.float32)
+    return meta.num_rows, field.type.list_size
+
+
+def iter_fde(path: str | os.PathLike, *, batch_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """The rows of ``fde.parquet`` in order, as float32 (rows, fde_dim) blocks of about ``batch_bytes``.
+
+    So that the ANN index is built from the file a block at a time: the whole matrix is 4.3 GB at
+    100k chunks of 10,240 dims, ~40 GB at a million.
+    """
+    from storage import fs
+
+    _, dim = fde_shape(path)
     row = 0
+    options = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
     try:
-        for batch in fs.iter_parquet_batches(path, ["fde"]):
+        for batch in fs.iter_parquet_batches(path, ["fde"], **options):
             column = batch.column(0)
             if column.null_count:
                 raise IndexFormatError(f"{path}: column 'fde' has a null row among rows {row}..{row + batch.num_rows - 1}")
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            fde[row : row + batch.num_rows] = values.reshape(batch.num_rows, fde.shape[1])
+            yield column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(batch.num_rows, dim)
             row += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise IndexFormatError(f"{path}: unreadable Parquet ({exc})") from exc
+
+
+def read_fde(path: str | os.PathLike) -> np.ndarray:
+    """Load ``fde.parquet`` as a float32 (n_chunks, fde_dim) matrix, streamed into it a batch at a time.
+
+    (4.3 GB at 100k chunks of 10,240 dims: reading the table whole held it twice over.)
+    """
+    fde = np.empty(fde_shape(path), dtype=np.float32)
+    row = 0
+    for block in iter_fde(path):
+        fde[row : row + len(block)] = block
+        row += len(block)
     return fde
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from storage.index_files import read_faiss, write_faiss
-from tasks.ann import HNSW_STORAGES, ANNConfig, build_ann, configure_search, search_ann
+import tasks.ann
+from tasks.ann import HNSW_STORAGES, ANNConfig, build_ann, build_ann_from_blocks, configure_search, search_ann
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,40 @@ def test_auto_is_flat_for_small_corpora_and_rejects_unknown_settings(clustered):
         ANNConfig(hnsw_storage="pq")
     with pytest.raises(ValueError, match="ann kind must be one of"):
         ANNConfig(kind="lsh")
+
+
+def _uneven_blocks(x: np.ndarray, seed: int = 0):
+    """A fresh iterator over ``x`` cut at random places (blocks of 1 to ~600 rows) on every call."""
+    cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, len(x)), size=8, replace=False))
+    return lambda: iter(np.split(x, cuts))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ANNConfig(kind="flat"), ANNConfig(kind="ivfpq", pq_subquantizers=8), ANNConfig(kind="ivfpq", ivf_lists=4, pq_subquantizers=8)]
+    + [ANNConfig(kind="hnsw", hnsw_storage=storage) for storage in sorted(HNSW_STORAGES)],
+    ids=["flat", "ivfpq", "ivfpq-sampled-training", *[f"hnsw-{storage}" for storage in sorted(HNSW_STORAGES)]],
+)
+def test_an_index_built_from_blocks_equals_the_one_built_from_the_whole_matrix(clustered, config, monkeypatch):
+    x, q = clustered
+    # small add batches, so that the blocks are regrouped and split as they are for a large corpus
+    monkeypatch.setattr(tasks.ann, "_ADD_BATCH_BYTES", 700 * x.shape[1] * 4)
+    whole, whole_facts = build_ann(x, config, seed=3)
+    blocked, facts = build_ann_from_blocks(_uneven_blocks(x), x.shape, config, seed=3)
+    assert facts == whole_facts and blocked.ntotal == len(x)
+    if config.kind == "hnsw":
+        # the graph depends on the order threads insert in; the stored vectors must not
+        assert np.array_equal(blocked.storage.reconstruct_n(0, len(x)), whole.storage.reconstruct_n(0, len(x)))
+        assert _recall(search_ann(blocked, q, 50)[1], search_ann(whole, q, 50)[1]) >= 0.95
+    else:  # sampled training (4 lists: 1,024 of 3,000 vectors) draws the same rows by the seed
+        assert faiss.serialize_index(blocked).tobytes() == faiss.serialize_index(whole).tobytes()
+
+
+def test_blocks_that_do_not_add_up_to_the_announced_shape_are_refused(clustered):
+    x, _ = clustered
+    with pytest.raises(ValueError, match="hold 2999 vectors, 3000 announced"):
+        build_ann_from_blocks(lambda: iter([x[:2999]]), x.shape, ANNConfig(kind="flat"))
+    with pytest.raises(ValueError, match="more than the 2999 vectors announced"):
+        build_ann_from_blocks(lambda: iter([x]), (2999, x.shape[1]), ANNConfig(kind="flat"))
+    with pytest.raises(ValueError, match=r"shape \(3000, 95\), expected \(rows, 96\)"):
+        build_ann_from_blocks(lambda: iter([x[:, :95]]), x.shape, ANNConfig(kind="flat"))

@@ -28,3 +28,19 @@ def test_each_opening_is_measured_in_its_own_process(tmp_path, limit_small_index
     assert rows[0]["held_gib"]["tokens"] < rows[1]["held_gib"]["tokens"] and rows[0]["held_gib"]["ann"] > 0
     assert np.isclose(rows[0]["held_gib"]["ann"], rows[1]["held_gib"]["ann"])
     assert f"| {limit_small_index} | auto (int8) |" in out.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_ann_build_benchmark_builds_the_same_index_both_ways_in_fresh_processes(tmp_path, limit_small_index):
+    from evaluation.benchmarks import ann_build
+
+    out = tmp_path / "ann-build.md"
+    assert ann_build.main([str(limit_small_index), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    index = LateIndex.open(limit_small_index)
+    assert [r["method"] for r in rows] == ["whole", "blocks"]
+    for row in rows:
+        assert (row["kind"], row["chunks"], row["fde_dim"]) == (index.manifest["ann"]["kind"], index.tokens.n_chunks, index.ann.d)
+        assert row["peak_gib"] >= row["rss_before_gib"] > 0 and row["seconds"] >= 0
+    assert rows[0]["index_gib"] == rows[1]["index_gib"] and rows[0]["fde_gib"] == round(index.tokens.n_chunks * index.ann.d * 4 / 2**30, 3)
+    assert f"| {limit_small_index} | blocks | {rows[1]['kind']} |" in out.read_text()

@@ -349,6 +349,9 @@ def test_a_token_store_or_fde_file_without_its_column_or_with_a_null_row_names_t
     fde = files.fde_table(rng.normal(size=(20, 8)).astype(np.float32))
     pq.write_table(fde, tmp_path / "fde.parquet", row_group_size=3)
     assert np.array_equal(files.read_fde(tmp_path / "fde.parquet"), fde.column("fde").combine_chunks().flatten().to_numpy().reshape(20, 8))
+    blocks = list(files.iter_fde(tmp_path / "fde.parquet", batch_bytes=5 * 8 * 4))  # at most 5 rows a block
+    assert len(blocks) >= 4 and max(len(b) for b in blocks) <= 5 and files.fde_shape(tmp_path / "fde.parquet") == (20, 8)
+    assert np.array_equal(np.concatenate(blocks), files.read_fde(tmp_path / "fde.parquet"))
     mask = np.zeros(20, bool)
     mask[4] = True
     nulled = pa.FixedSizeListArray.from_arrays(fde.column("fde").combine_chunks().values, 8, mask=pa.array(mask))

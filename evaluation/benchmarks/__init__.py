@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def tuning_parser(doc: str) -> argparse.ArgumentParser:
@@ -26,3 +31,16 @@ def print_and_save(text: str, report: dict, out: Path | None) -> None:
         with atomic_path(out) as tmp:
             tmp.write_text(text + "\n", encoding="utf-8")
         write_json(report, out.with_suffix(".json"))
+
+
+def run_in_fresh_process(module: str, args: list[str]) -> dict[str, Any]:
+    """Run ``python -m module *args`` offline and return the JSON object its last stdout line prints.
+
+    For measurements that must start from a clean process (a peak resident memory, say); a failing
+    child raises with the end of its stderr.
+    """
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"python -m {module} {' '.join(args)} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from evaluation.benchmarks import print_and_save
+from evaluation.benchmarks import print_and_save, run_in_fresh_process
 
 _GIB = 2**30
 
@@ -126,14 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for folder in args.folders:
         for memory in args.token_memory:
-            done = subprocess.run(
-                [sys.executable, "-m", "evaluation.benchmarks.open_memory", "x", "--child", folder, memory],
-                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            )
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"opening {folder} with token_memory={memory} failed (exit {done.returncode})")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(run_in_fresh_process("evaluation.benchmarks.open_memory", ["x", "--child", folder, memory]))
             print(f"  {folder} ({memory}): open {rows[-1]['open_seconds']} s, peak {rows[-1]['peak_gib']} GiB", flush=True)
     machine = describe_machine()
     print_and_save("\n".join(report_lines(rows, machine_line(machine))), {"machine": machine, "rows": rows}, args.out)
