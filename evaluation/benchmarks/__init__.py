@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 
 def tuning_parser(doc: str) -> argparse.ArgumentParser:
@@ -44,3 +44,26 @@ def run_in_fresh_process(module: str, args: list[str]) -> dict[str, Any]:
         print(done.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"python -m {module} {' '.join(args)} failed (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fresh_process_report(
+    module: str,
+    children: Iterable[tuple[str, str]],
+    report_lines: Callable[[list[dict[str, Any]], str], list[str]],
+    out: Path | None,
+    progress: Callable[[dict[str, Any]], str],
+) -> list[dict[str, Any]]:
+    """Measure each ``(a, b)`` by ``python -m module x --child a b`` in its own process, then report them.
+
+    The module's ``main`` answers ``--child`` with one JSON row; the rows, the machine and the
+    Markdown of ``report_lines(rows, machine line)`` go to :func:`print_and_save`.
+    """
+    from evaluation.machine import describe_machine, machine_line
+
+    rows = []
+    for a, b in children:
+        rows.append(run_in_fresh_process(module, ["x", "--child", a, b]))
+        print(f"  {a} ({b}): {progress(rows[-1])}", flush=True)
+    machine = describe_machine()
+    print_and_save("\n".join(report_lines(rows, machine_line(machine))), {"machine": machine, "rows": rows}, out)
+    return rows

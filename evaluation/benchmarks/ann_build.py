@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evaluation.benchmarks import print_and_save, run_in_fresh_process
+from evaluation.benchmarks import fresh_process_report
 
 METHODS = ("whole", "blocks")
 _GIB = 2**30
@@ -117,15 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure_build(*args.child)))
         return 0
-    from evaluation.machine import describe_machine, machine_line
-
-    rows = []
-    for folder in args.folders:
-        for method in args.methods:
-            rows.append(run_in_fresh_process("evaluation.benchmarks.ann_build", ["x", "--child", folder, method]))
-            print(f"  {folder} ({method}): {rows[-1]['seconds']} s, peak {rows[-1]['peak_gib']} GiB", flush=True)
-    machine = describe_machine()
-    print_and_save("\n".join(report_lines(rows, machine_line(machine))), {"machine": machine, "rows": rows}, args.out)
+    children = [(folder, method) for folder in args.folders for method in args.methods]
+    fresh_process_report("evaluation.benchmarks.ann_build", children, report_lines, args.out, lambda row: f"{row['seconds']} s, peak {row['peak_gib']} GiB")
     return 0
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evaluation.benchmarks import print_and_save, run_in_fresh_process
+from evaluation.benchmarks import fresh_process_report
 
 _GIB = 2**30
 
@@ -118,15 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure_open(*args.child)))
         return 0
-    from evaluation.machine import describe_machine, machine_line
-
-    rows = []
-    for folder in args.folders:
-        for memory in args.token_memory:
-            rows.append(run_in_fresh_process("evaluation.benchmarks.open_memory", ["x", "--child", folder, memory]))
-            print(f"  {folder} ({memory}): open {rows[-1]['open_seconds']} s, peak {rows[-1]['peak_gib']} GiB", flush=True)
-    machine = describe_machine()
-    print_and_save("\n".join(report_lines(rows, machine_line(machine))), {"machine": machine, "rows": rows}, args.out)
+    children = [(folder, memory) for folder in args.folders for memory in args.token_memory]
+    fresh_process_report("evaluation.benchmarks.open_memory", children, report_lines, args.out, lambda row: f"open {row['open_seconds']} s, peak {row['peak_gib']} GiB")
     return 0
 
 

@@ -22,7 +22,8 @@ Steps (each also runs on its own; see its module):
 6. :mod:`evaluation.benchmarks.scaling`: fde-rerank against maxsim-exact (and brute force scoring
    every chunk in float32) from 1k to 10k (100k with ``--large``, followed by
    :mod:`evaluation.benchmarks.hnsw_efsearch` on the 100k corpus, train queries, and
-   :mod:`evaluation.benchmarks.open_memory` on the default index and the 100k HNSW folder)
+   :mod:`evaluation.benchmarks.open_memory` and :mod:`evaluation.benchmarks.ann_build` on the
+   default index and the 100k HNSW folder)
    documents with flat, HNSW and IVF-PQ FDE indexes;
 7. :mod:`evaluation.benchmarks.memory`: bytes per document and token-store / FDE-index compression
    against nDCG@10, on scifact test and cranfield (indexes with ``--token-codec float16``, the
@@ -65,7 +66,7 @@ def _step(name: str, main, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from evaluation.benchmarks import (
-        candidates_sweep, candidates_table, hnsw_efsearch, hnsw_storage, memory, open_memory, pipeline, precision, rerank_prefilter, scaling,
+        ann_build, candidates_sweep, candidates_table, hnsw_efsearch, hnsw_storage, memory, open_memory, pipeline, precision, rerank_prefilter, scaling,
     )
     from lateflow.cli import main as lateflow_main
 
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             ])
             large = args.work / "scale" / "scifact-n100000-seed0"
             _step("open memory", open_memory.main, [str(index), str(large / "hnsw"), "--token-memory", "int8", "--out", str(REPORTS / "open-memory.md")])
+            _step("ann build memory", ann_build.main, [str(index), str(large / "hnsw"), "--out", str(REPORTS / "ann-build.md")])
             _step("hnsw efSearch 100k", hnsw_efsearch.main, [
                 str(scifact), "--split", "train", "--flat", str(large / "flat"), "--hnsw", str(large / "hnsw"),
                 "--out", str(REPORTS / "hnsw-efsearch-100k-train.md"),
