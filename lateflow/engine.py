@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from storage import index_files as files
 from storage.manifest import IndexFormatError, read_manifest, resolve_index_dir
 from tasks.ann import ANNConfig, configure_search, search_ann, to_device
-from tasks.encode import PRECISIONS, EncoderConfig, load_encoder, resolve_model_path
+from tasks.encode import PRECISIONS, UNREADABLE_QUERY, EncoderConfig, load_encoder, resolve_model_path
 from tasks.fde import FDEConfig, encode_query
 from tasks.idf import idf_lookup
 from tasks.prf import PRFConfig, expand_query, expansion_embeddings
@@ -489,6 +489,7 @@ class LateIndex:
         """
         if scope not in RERANK_SCOPES:
             raise ValueError(f"scope must be one of {RERANK_SCOPES}, got {scope!r}")
+        _require_tokens(query)
         only_retrieved = scope == "chunks"
         allowed = self.filter_mask(filter)
         docs, rows = self._candidates(query, candidates, k, allowed)
@@ -521,7 +522,8 @@ class LateIndex:
                     rescored = self._score_chunks(expanded, scored.chunk_ids, scored.group_offsets)
                 scores, best_chunks = rescored.best()
         order = np.argsort(-scores, kind="stable")[:k]
-        return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order]
+        # a document none of whose chunks could be scored (-inf) is not a result, even when k is larger
+        return [(int(docs[i]), float(scores[i]), int(best_chunks[i])) for i in order if np.isfinite(scores[i])]
 
     def _merge_second_pass(
         self, expanded: QueryTokens, first_docs: np.ndarray, first_scores: np.ndarray, first_chunks: np.ndarray, second_docs: np.ndarray,
@@ -556,6 +558,7 @@ class LateIndex:
 
     def rank_fde_only(self, query: QueryTokens, k: int = 10) -> list[tuple[int, float, int]]:
         """FDE + ANN only, no rerank: a document's score is its best chunk's FDE inner product."""
+        _require_tokens(query)
         scores, rows = self._search_chunks(query, k * 2, k)
         return self.documents_of_chunks(scores, rows, k)
 
@@ -585,6 +588,8 @@ class LateIndex:
         (``prefilter=False``) up to float rounding (exact ties, e.g. duplicate documents, may come
         in another order), ~3x faster on scifact, ~1.7x at 100k short documents (BENCHMARKS.md 5.2, 5.5).
         """
+        for query in queries:
+            _require_tokens(query)
         vectors = [q.vectors for q in queries]
         if self.rerank_prefilter if prefilter is None else prefilter:
             chunk_scores = maxsim_exhaustive_top_groups(vectors, self.tokens.vectors, self.tokens.offsets, self.doc_chunk_offsets, k, self.tokens.row_scale)
@@ -594,7 +599,7 @@ class LateIndex:
         for row in chunk_scores:
             best, arg = group_max(row, self.doc_chunk_offsets)
             top = np.argsort(-best, kind="stable")[:k]
-            results.append([(int(d), float(best[d]), int(arg[d])) for d in top])
+            results.append([(int(d), float(best[d]), int(arg[d])) for d in top if np.isfinite(best[d])])
         return results
 
     def hit(self, doc: int, score: float, chunk: int, rank: int) -> SearchHit:
@@ -652,3 +657,9 @@ class LateIndex:
             filter_keys(filter)  # a malformed filter fails before the encoder runs
         ranked = self.rank(self.encode(query), k, candidates=max(candidates, k), prf=prf, filter=filter, scope=scope)
         return [self.hit(d, s, c, r) for r, (d, s, c) in enumerate(ranked, start=1)]
+
+
+def _require_tokens(query: QueryTokens) -> None:
+    """Refuse a query without token vectors (the encoder kept none): it would rank by nothing."""
+    if len(query.vectors) == 0:
+        raise ValueError(UNREADABLE_QUERY)

@@ -177,14 +177,11 @@ def _prf_or_422(request: Any, where: str = "") -> Any:
 
 
 def _encode_batch(index: Any, queries: list[str]) -> list[Any]:
-    """Encode queries in length-bucketed batches; a query the model cannot read is a 422 naming it."""
-    try:
-        return index.encode_many(queries)
-    except ValueError:
-        # encode_many stops at the first bad query without saying which: find it for the client
-        for i, query in enumerate(queries):
-            try:
-                index.encode(query)
-            except ValueError as exc:
-                raise ServiceError(422, "invalid_query", f"queries[{i}]: {exc}") from exc
-        raise
+    """Encode the queries one by one; a query the model cannot read is a 422 naming its position."""
+    from tasks.encode import UNREADABLE_QUERY
+
+    encoded = index.encode_many(queries)
+    for i, tokens in enumerate(encoded):
+        if len(tokens.vectors) == 0:
+            raise ServiceError(422, "invalid_query", f"queries[{i}]: {UNREADABLE_QUERY}")
+    return encoded

@@ -172,6 +172,20 @@ def read_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") -> Corp
         return _read_corpus_file(fs.fetch(url, tmp), url, on_error)
 
 
+def _rejected_id(record: object) -> str | None:
+    """The ``_id`` a rejected record gave, as text (``1`` -> ``"1"``); None when it gave none or a list/object.
+
+    Examples
+    --------
+    >>> _rejected_id({"_id": "d1"}), _rejected_id({"_id": 7}), _rejected_id({"_id": ["x"]}), _rejected_id("not a record")
+    ('d1', '7', None, None)
+    """
+    value = record.get("_id") if isinstance(record, dict) else None
+    if isinstance(value, (str, int, float, bool)):
+        return str(value)
+    return None
+
+
 def _read_corpus_file(file: Path, name: str, on_error: OnError) -> Corpus:
     """Parse a local corpus file; ``name`` (its path or URL) is what messages and records cite."""
     is_parquet = file.suffix == ".parquet"
@@ -198,7 +212,7 @@ def _read_corpus_file(file: Path, name: str, on_error: OnError) -> Corpus:
         except CorpusError as exc:
             if on_error == "raise":
                 raise
-            reject(record.get("_id") if isinstance(record, dict) else None, line_no, str(exc))
+            reject(_rejected_id(record), line_no, str(exc))
             continue
         first_seen[doc_id] = line_no
         body = full_text(title, text)

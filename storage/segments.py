@@ -212,17 +212,33 @@ def _runs(assignment: np.ndarray) -> Iterator[tuple[int, int, int]]:
 
 
 def row_selection(plan: Plan, doc_ids: list[str]) -> Iterator[tuple[Segment, np.ndarray]]:
-    """For each run of documents, the segment and the chunk rows to take from it, in corpus order."""
-    ranges: dict[int, dict[str, tuple[int, int]]] = {}
+    """For each run of documents, the segment and the chunk rows to take from it, in corpus order.
+
+    Chunks that kept no token vector are left out: the encoder drops special and unknown tokens, so
+    a chunk of only those (emoji, say, or a literal ``[SEP]``) has nothing to score, and a document
+    made only of such chunks is not indexed (the flow lists it in ``rejected.parquet``).
+    """
+    ranges: dict[int, tuple[dict[str, tuple[int, int]], np.ndarray]] = {}
     for seg_index, first, end in _runs(plan.assignment):
         segment = plan.segments[seg_index]
         if seg_index not in ranges:
             chunk_ids = fs.read_parquet(segment.chunks, columns=["doc_id"]).column("doc_id").to_pylist()
-            ranges[seg_index] = doc_row_ranges(chunk_ids)
-        spans = [ranges[seg_index].get(doc) for doc in doc_ids[first:end]]
-        rows = [np.arange(s, e, dtype=np.int64) for s, e in (span for span in spans if span is not None)]
+            ranges[seg_index] = doc_row_ranges(chunk_ids), vector_counts(segment.tokens)
+        spans, counts = ranges[seg_index]
+        rows = [np.arange(*span, dtype=np.int64) for span in (spans.get(doc) for doc in doc_ids[first:end]) if span is not None]
         if rows:
-            yield segment, np.concatenate(rows)
+            rows = np.concatenate(rows)
+            rows = rows[counts[rows] > 0]
+            if len(rows):
+                yield segment, rows
+
+
+def vector_counts(tokens_path: str) -> np.ndarray:
+    """Token vectors of each chunk of a segment's token file (read from its token id lists only)."""
+    import pyarrow.compute as pc
+
+    ids = fs.read_parquet(tokens_path, columns=["token_ids"]).column("token_ids")
+    return pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def gather(

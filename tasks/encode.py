@@ -138,6 +138,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if fast_bf16(device) else "fp32"
 
 
+# The error of a query with no token the model keeps (it never repeats the query: the service must
+# not echo rejected input)
+UNREADABLE_QUERY = "the query has no token the model can read"
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Encoder settings recorded in the manifest. ``batch_tokens`` bounds padded tokens per batch."""
@@ -377,18 +382,24 @@ class Encoder:
     def encode_query(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids, unit token vectors and the pooled vector (float32) of one query.
 
-        Raises ValueError for an empty query.
+        Raises ValueError for an empty query, and for one with no token the model keeps (only
+        characters the tokenizer drops or maps to its unknown token, or special tokens such as a
+        literal ``[SEP]``). The message never repeats the query.
         """
         if not text or not text.strip():
             raise ValueError("the query is empty")
         ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        ids = ids[: self.config.max_query_tokens]
-        if not ids:
-            raise ValueError(f"the query {text!r} has no token the model can read")
-        return self._encode_one_query(ids)
+        encoded = self._encode_one_query(ids[: self.config.max_query_tokens])
+        if len(encoded[1]) == 0:
+            raise ValueError(UNREADABLE_QUERY)
+        return encoded
 
     def encode_queries(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """:meth:`encode_query` for many queries (tokenised together, encoded one by one), results in input order."""
+        """:meth:`encode_query` for many queries (tokenised together, encoded one by one), results in input order.
+
+        A query with no token the model keeps does not stop the others: it gets zero token vectors
+        (and a zero pooled vector), which the caller must check. Raises ValueError for an empty query.
+        """
         if not texts:
             return []
         for t in texts:
@@ -396,9 +407,6 @@ class Encoder:
                 raise ValueError("a query is empty")
         all_ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         all_ids = [ids[: self.config.max_query_tokens] for ids in all_ids]
-        for text, ids in zip(texts, all_ids):
-            if not ids:
-                raise ValueError(f"the query {text!r} has no token the model can read")
         # A query must get the same vectors alone or in a batch, so each runs alone: the traced model
         # and the eager batched one round differently (~1e-3 at bf16), and int8 dynamic quantisation
         # takes its activation scale over the whole batch (up to 0.06 apart). It costs nothing here:
@@ -406,7 +414,11 @@ class Encoder:
         return [self._encode_one_query(ids) for ids in all_ids]
 
     def _encode_one_query(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not ids:  # nothing the tokenizer could read: nothing to run the model on
+            return np.zeros(0, np.int32), np.zeros((0, self.dim), np.float32), np.zeros(self.dim, np.float32)
         (_, token_ids, vectors, pooled), = self.encode_ids([ids], is_query=True)
+        if len(vectors) == 0:  # only special or unknown tokens: its pooled vector means nothing either
+            pooled = np.zeros_like(pooled)
         return token_ids, vectors, pooled
 
 

@@ -32,6 +32,14 @@ def test_skip_mode_records_bad_lines_and_keeps_good_ones(tmp_path):
     assert "malformed JSON" in reasons[0] and "missing field '_id'" in reasons[1] and "duplicate _id 'a'" in reasons[2]
 
 
+def test_skip_mode_records_a_rejected_non_string_id_as_text(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"_id": 1, "text": "one"}, {"_id": 1, "text": "again"}, {"_id": ["x"], "text": "list id"}])
+    corpus = read_corpus(f, on_error="skip")
+    assert corpus.docs.column("doc_id").to_pylist() == ["1"]
+    assert corpus.rejected.column("doc_id").to_pylist() == ["1", None] and corpus.rejected.column("line").to_pylist() == [2, 3]
+    assert "duplicate _id '1'" in corpus.rejected.column("reason")[0].as_py()
+
+
 def test_missing_id(tmp_path):
     f = write_jsonl(tmp_path / "c.jsonl", [{"title": "x", "text": "y"}])
     with pytest.raises(CorpusError, match=r"c\.jsonl:1: missing field '_id'"):

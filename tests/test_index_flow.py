@@ -260,9 +260,11 @@ def test_batch_search_flow_writes_the_same_ranking_as_the_api(scifact_index, sci
     from flows.search import search_flow
 
     lines = [json.loads(line) for line in scifact_sample.read_text().splitlines()[:4]]
-    queries = write_jsonl(tmp_path / "q.jsonl", [{"_id": f"q{i}", "text": d["title"]} for i, d in enumerate(lines)] + [{"_id": "blank", "text": "   "}])
+    # a blank query, one the tokenizer reads as nothing, and one of only unknown tokens: none stops the batch
+    unreadable = [{"_id": "blank", "text": "   "}, {"_id": "nul", "text": "\u0000"}, {"_id": "emoji", "text": "\U0001f600"}]
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"_id": f"q{i}", "text": d["title"]} for i, d in enumerate(lines)] + unreadable)
     result = search_flow(str(scifact_index[0]), str(queries), str(tmp_path / "run.parquet"), k=3)
-    assert result["queries"] == 5 and result["unreadable"] == ["blank"] and result["rows"] == 12
+    assert result["queries"] == 7 and sorted(result["unreadable"]) == ["blank", "emoji", "nul"] and result["rows"] == 12
     run = pq.read_table(tmp_path / "run.parquet").to_pylist()
     index = LateIndex.open(scifact_index[0])
     for i, d in enumerate(lines):

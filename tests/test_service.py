@@ -227,7 +227,10 @@ LIMIT_CASES = [
     ("/search", ["x"], 422, "invalid_request"),
     ("/search", {"query": "   "}, 422, "invalid_request"),
     ("/search", {"query": "\u200b"}, 422, "invalid_query"),  # no token the model can read
+    ("/search", {"query": "\U0001f600"}, 422, "invalid_query"),  # only the tokenizer's unknown token
+    ("/search", {"query": "[SEP] [CLS]"}, 422, "invalid_query"),  # only special tokens, which the encoder drops
     ("/search/batch", {"queries": [{"query": "fine"}, {"query": "\u200b"}]}, 422, "invalid_query"),
+    ("/search/batch", {"queries": [{"query": "fine"}, {"query": "\U0001f600 \U0001f600"}]}, 422, "invalid_query"),
     ("/search/batch", {"query": "x"}, 422, "invalid_request"),
 ]
 
@@ -240,6 +243,10 @@ def test_limits_and_invalid_bodies_are_4xx_json(client, path, body, status, code
     assert error["code"] == code and error["message"]
     if r.status_code == 422 and "details" in error:
         assert all("input" not in d for d in error["details"])  # the rejected input is never echoed
+    if code == "invalid_query":
+        assert error["message"].endswith("the query has no token the model can read"), error
+        if path == "/search/batch":
+            assert error["message"].startswith("queries[1]: ")
 
 
 def test_malformed_json_body_size_and_routes(client):
