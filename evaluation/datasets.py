@@ -79,9 +79,12 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], int]:
     """Qrels as ``{query: {doc: score}}`` and the number of duplicate lines (identical scores)."""
     qrels: dict[str, dict[str, int]] = {}
     duplicates = 0
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path}:{line_no}: bytes are not valid UTF-8") from exc
             if not line.strip():
                 continue
             parts = line.split("\t")

@@ -413,7 +413,24 @@ class LateIndex:
             needed = np.sort(first)[min(min_docs, len(first)) - 1] + 1 if len(first) else 0
             cut = max(want, int(needed))
             scores, rows = scores[:cut], rows[:cut]
+            if not enough:
+                scores, rows = self._add_unreached_chunks(scores, rows, allowed)
         return scores, rows
+
+    def _add_unreached_chunks(self, scores: np.ndarray, rows: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ANN's rows, then every other chunk of the allowed documents (score ``-inf``: unranked).
+
+        An approximate index can leave vectors out however many are asked for (IVF reads ``nprobe``
+        lists, HNSW walks about ``efSearch`` nodes), so a filtered search whose widening reached the
+        whole index without enough matching chunks would return fewer than ``k`` documents although
+        ``k`` match. The exact rerank scores the added chunks, so such a search ranks the matching
+        documents it needs exactly (all of them, if the filter is that selective).
+        """
+        missing = np.flatnonzero(allowed[self.chunk_doc])
+        missing = missing[~np.isin(missing, rows)]
+        if len(missing) == 0:
+            return scores, rows
+        return np.concatenate([scores, np.full(len(missing), -np.inf, np.float32)]), np.concatenate([rows, missing])
 
     def candidate_documents(self, query: QueryTokens, candidates: int, min_docs: int = 1, allowed: np.ndarray | None = None) -> np.ndarray:
         """Documents of the ANN's top ``candidates`` chunks (at least ``min_docs`` of them), first-seen order.

@@ -57,6 +57,11 @@ def test_malformed_qrels_line(tmp_path):
         load_dataset(make_dataset(tmp_path / "ds", ["q1 d1 1"]))
     with pytest.raises(DatasetError, match=r"test\.tsv:2: score 'high' is not an integer"):
         load_dataset(make_dataset(tmp_path / "ds2", ["q1\td1\thigh"]))
+    root = make_dataset(tmp_path / "ds3", ["q1\td1\t1"])
+    qrels = next(root.rglob("test.tsv"))
+    qrels.write_bytes(qrels.read_bytes() + b"q2\td\xff2\t1\n")
+    with pytest.raises(DatasetError, match=r"test\.tsv:3: bytes are not valid UTF-8"):
+        load_dataset(root)
 
 
 def test_scifact_style_split_folder(tmp_path):

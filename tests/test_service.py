@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from lateflow.cli import main as cli_main, print_hits
@@ -141,6 +142,24 @@ def test_filter_widens_the_candidate_search_to_return_k(tagged):
     hits = tagged.search(QUERIES[2], k=8, candidates=1, filter={"group": 3})
     assert len(hits) == min(8, sum(1 for m in tagged.doc_metadata if json.loads(m)["group"] == 3))
     assert all(h.metadata["group"] == 3 for h in hits)
+
+
+def test_a_filter_returns_k_when_the_ann_cannot_reach_every_chunk(tagged_index):
+    """IVF reads nprobe lists (HNSW ~efSearch nodes) however many results are asked for: the
+    matching chunks it never reaches are still candidates, so k matching documents come back."""
+    from tasks.ann import ANNConfig, build_ann, search_ann
+
+    index = LateIndex.open(tagged_index)
+    fde = files.read_fde(index.path / files.FDE_FILE)
+    index.ann, _ = build_ann(fde, ANNConfig(kind="ivfpq", ivf_lists=3, ivf_nprobe=1, pq_subquantizers=8))
+    reached = (search_ann(index.ann, index.query_fde(index.encode(QUERIES[2]))[None, :], index.ann.ntotal)[1] >= 0).sum()
+    assert reached < index.ann.ntotal  # the ANN alone cannot return every chunk
+    group = {d for d, m in zip(index.doc_ids, index.doc_metadata) if json.loads(m)["group"] == 3}
+    for query in QUERIES:
+        hits = index.search(query, k=20, candidates=5, filter={"group": 3})
+        # every matching document, the ones the ANN missed ranked by the exact rerank like the others
+        exact = [index.doc_ids[d] for d, _, _ in index.rank_exhaustive([index.encode(query)], k=len(index))[0] if index.doc_ids[d] in group]
+        assert [h.doc_id for h in hits] == exact and len(exact) == len(group) == 10
 
 
 def test_no_filter_is_unchanged(tagged):

@@ -75,3 +75,15 @@ def test_a_query_without_a_kept_token_is_refused_without_being_echoed(unreadable
         index.rank(bad, 10)
     with pytest.raises(ValueError, match="no token the model can read"):
         index.rank_exhaustive([good, bad], 10)
+
+
+def test_hit_offsets_point_into_the_indexed_text_of_the_document(unreadable_index):
+    """README: ``full_text(title, text)[char_start:char_end] == text`` (LIMIT titles are empty; one here is not)."""
+    from storage.corpus import full_text
+
+    index = LateIndex.open(unreadable_index[0])
+    docs = {d["doc_id"]: d for d in pq.read_table(index.path / files.DOCS_FILE).to_pylist()}
+    hits = [h for q in QUERIES + ["Mixed Bassoons"] for h in index.search(q, k=len(index), candidates=100)]
+    assert any(docs[h.doc_id]["title"] for h in hits) and any(not docs[h.doc_id]["title"] for h in hits)
+    for h in hits:
+        assert full_text(docs[h.doc_id]["title"], docs[h.doc_id]["text"])[h.char_start : h.char_end] == h.text
