@@ -1,0 +1,56 @@
+"""Prefect process hygiene: temporary API servers orphaned by killed runs are stopped (Linux)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.settings import reap_orphaned_ephemeral_servers
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _orphan(home: str, ephemeral: str = "1") -> int:
+    """Start a sleeping process that looks like Prefect's temporary server, orphaned (its parent exits at once)."""
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT__SERVER_EPHEMERAL": ephemeral}
+    script = "import time; time.sleep(120)"
+    # the shell starts it in the background and exits: the sleeper is re-parented to init
+    out = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -c "{script}" -m uvicorn --factory prefect.server.api.server:create_app >/dev/null 2>&1 & echo $!'],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # wait until the re-parenting is visible
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            if int(handle.read().rsplit(b")", 1)[1].split()[1]) == 1:
+                return pid
+        time.sleep(0.05)
+    pytest.skip("orphans are not re-parented to pid 1 here (a subreaper is in the way)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_only_orphaned_ephemeral_servers_of_this_prefect_home_are_stopped(tmp_path):
+    ours, other_home, not_ephemeral = _orphan(str(tmp_path / "ours")), _orphan(str(tmp_path / "other")), _orphan(str(tmp_path / "ours"), "0")
+    try:
+        assert reap_orphaned_ephemeral_servers(str(tmp_path / "ours")) == [ours]
+        deadline = time.monotonic() + 10
+        while _alive(ours) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(ours) and _alive(other_home) and _alive(not_ephemeral)
+    finally:
+        for pid in (ours, other_home, not_ephemeral):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
