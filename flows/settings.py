@@ -1,6 +1,7 @@
 """Process-wide settings that make Prefect quiet, offline and quick to start (see STACK.md)."""
 from __future__ import annotations
 
+import logging
 import os
 
 QUIET_PREFECT_ENV = {
@@ -77,3 +78,33 @@ def reap_orphaned_ephemeral_servers(prefect_home: str | None = None) -> list[int
             except OSError:
                 pass
     return reaped
+
+
+class InputErrorsWithoutTraceback(logging.Filter):
+    """Drop the traceback from Prefect's run-failure records when the cause is bad input.
+
+    A task or flow that fails logs the exception with its traceback (~70 lines for a malformed
+    corpus line, twice: task and flow); the CLI then prints the error's one line. For errors whose
+    message already names the file, line or field (bad corpus or dataset, a damaged or locked
+    index) the traceback says nothing more, so only the record's message is kept. Any other
+    exception, a bug, keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from evaluation.datasets import DatasetError
+        from storage.corpus import CorpusError
+        from storage.lock import IndexLockedError
+        from storage.manifest import IndexFormatError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (CorpusError, DatasetError, IndexFormatError, IndexLockedError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_input_error_tracebacks() -> None:
+    """Install :class:`InputErrorsWithoutTraceback` on Prefect's flow- and task-run loggers (once)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, InputErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(InputErrorsWithoutTraceback())

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from flows.settings import apply_quiet_defaults, reap_orphaned_ephemeral_servers
+from flows.settings import apply_quiet_defaults, quiet_input_error_tracebacks, reap_orphaned_ephemeral_servers
 
 apply_quiet_defaults()
 
@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_input_error_tracebacks()
     reaped = reap_orphaned_ephemeral_servers()
     if reaped:
         print(f"lateflow: stopped {len(reaped)} temporary Prefect server(s) left running by killed runs (pids {reaped})", file=sys.stderr)

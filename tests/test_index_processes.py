@@ -181,3 +181,17 @@ def test_deploy_without_a_server_explains_what_to_do(tmp_path):
     )
     assert result.returncode == 2
     assert "PREFECT_API_URL is not set" in result.stderr and "prefect server start --host 127.0.0.1" in result.stderr
+
+
+def test_bad_input_is_one_line_per_report_without_tracebacks(tmp_path, prefect_server, limit_small):
+    """A malformed corpus line: Prefect's task and flow failure records keep their message, lose
+    the traceback (the CLI's last line says it all); exit status 2."""
+    lines = (limit_small / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [lines[0], '{"_id": "broken", "text": ', lines[1]])
+    done = subprocess.run(
+        [str(BIN / "lateflow"), "index", str(corpus), "--index", str(tmp_path / "index"), *SMALL_ARGS],
+        env=cli_env(prefect_server), capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"lateflow index: error: {corpus}:2: malformed JSON")
