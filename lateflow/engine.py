@@ -603,7 +603,7 @@ class LateIndex:
         :mod:`tasks.rerank_prune` and only those that can reach the top ``k`` are re-scored exactly:
         the same top ``k`` documents, order, scores and best chunks as scoring every chunk exactly
         (``prefilter=False``) up to float rounding (exact ties, e.g. duplicate documents, may come
-        in another order), ~3x faster on scifact, ~1.7x at 100k short documents (BENCHMARKS.md 5.2, 5.5).
+        in another order), ~4.6x faster on scifact, ~3.7x at 100k short documents (BENCHMARKS.md 5.2, 5.5).
         """
         for query in queries:
             _require_tokens(query)
