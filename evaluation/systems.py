@@ -52,15 +52,30 @@ def make_ranker(name: str, index: LateIndex, *, depth: int, candidates: int, prf
 
 
 def run_ranker(ranker: Ranker, queries: dict[str, str], *, warmup: int = 3) -> tuple[dict[str, dict[str, float]], list[float]]:
-    """Run every query, timing each one after ``warmup`` untimed queries; return (run, latencies in ms)."""
+    """Run every query, timing each one after ``warmup`` untimed queries; return (run, latencies in ms).
+
+    A query with no token the model keeps gets an empty ranking (it scores 0 for every metric)
+    instead of stopping the evaluation.
+    """
+
+    def ranked_or_empty(text: str) -> list[tuple[str, float]]:
+        from tasks.encode import UNREADABLE_QUERY
+
+        try:
+            return ranker(text)
+        except ValueError as exc:
+            if str(exc) != UNREADABLE_QUERY:
+                raise
+            return []
+
     texts = list(queries.values())
     for text in texts[:warmup]:
-        ranker(text)
+        ranked_or_empty(text)
     run: dict[str, dict[str, float]] = {}
     latencies = []
     for qid, text in queries.items():
         started = time.perf_counter()
-        ranked = ranker(text)
+        ranked = ranked_or_empty(text)
         latencies.append((time.perf_counter() - started) * 1000)
         run[qid] = {doc: float(score) for doc, score in ranked}
     return run, latencies

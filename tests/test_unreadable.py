@@ -87,3 +87,13 @@ def test_hit_offsets_point_into_the_indexed_text_of_the_document(unreadable_inde
     assert any(docs[h.doc_id]["title"] for h in hits) and any(not docs[h.doc_id]["title"] for h in hits)
     for h in hits:
         assert full_text(docs[h.doc_id]["title"], docs[h.doc_id]["text"])[h.char_start : h.char_end] == h.text
+
+
+def test_an_evaluation_scores_an_unreadable_query_as_an_empty_ranking(unreadable_index):
+    from evaluation.systems import make_ranker, run_ranker
+
+    index = LateIndex.open(unreadable_index[0])
+    queries = {"q1": QUERIES[0], "emoji": "\U0001f600", "q2": QUERIES[1]}
+    for system in ("maxsim-exact", "fde", "fde-rerank", "fde-prf-rerank"):
+        run, latencies = run_ranker(make_ranker(system, index, depth=5, candidates=50), queries)
+        assert run["emoji"] == {} and len(run["q1"]) == len(run["q2"]) == 5 and len(latencies) == 3, system
