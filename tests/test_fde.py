@@ -331,6 +331,58 @@ def test_batch_equals_one_set_at_a_time_with_empty_sets_and_float16(final_dim):
         np.testing.assert_allclose(batch, encode(tokens.astype(np.float32), offsets, config), rtol=1e-5, atol=1e-6)
 
 
+def test_a_document_fde_is_bit_identical_in_any_batch():
+    """The flow computes FDEs per encoder batch and a resumed run per shard: both must agree exactly."""
+    rng = np.random.default_rng(21)
+    sets = [rng.normal(size=(int(n), 48)).astype(np.float16) for n in rng.integers(0, 120, size=40)]
+    tokens, offsets = csr(sets)
+    config = FDEConfig(dim=48, repetitions=5, simhash_bits=4, projection_dim=8)
+    whole = encode_documents(tokens, offsets, config)
+    single = np.vstack([encode_documents(s, np.array([0, len(s)]), config) for s in sets])
+    np.testing.assert_array_equal(whole, single)
+    cut = 17
+    parts = [encode_documents(*csr(sets[:cut]), config), encode_documents(*csr(sets[cut:]), config)]
+    np.testing.assert_array_equal(whole, np.vstack(parts))
+
+
+@FAST
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), bits=st.sampled_from([6, 9]), seed=st.integers(0, 2**16))
+def test_many_partitions_match_the_loop_reference(lengths, bits, seed):
+    """More partitions than tokens: cells are opened per set and their slots reset between sets."""
+    rng = np.random.default_rng(seed)
+    sets = [rng.normal(size=(n, 5)).astype(np.float32) for n in lengths]
+    tokens, offsets = csr(sets, 5)
+    for config in (FDEConfig(dim=5, repetitions=2, simhash_bits=bits, projection_dim=3, seed=seed),
+                   FDEConfig(dim=5, repetitions=2, simhash_bits=bits, projection_dim=None, fill_empty_partitions=False)):
+        docs, queries = encode_documents(tokens, offsets, config), encode_queries(tokens, offsets, config)
+        for i, s in enumerate(sets):
+            np.testing.assert_allclose(docs[i], reference_fde(s, config, is_query=False), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(queries[i], reference_fde(s, config, is_query=True), rtol=1e-4, atol=1e-5)
+
+
+@FAST
+@given(lengths=st.lists(st.integers(0, 12), min_size=1, max_size=6), reps=st.integers(1, 3), parts=st.sampled_from([1, 2, 8, 64]), seed=st.integers(0, 2**16))
+def test_sum_cells_adds_each_token_to_its_cell_once(lengths, reps, parts, seed):
+    from tasks.fde_cells import sum_cells
+
+    rng = np.random.default_rng(seed)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    x = rng.normal(size=(offsets[-1], 3)).astype(np.float32)
+    partition = rng.integers(0, parts, size=(len(x), reps)).astype(np.int64)
+    set_of = np.repeat(np.arange(len(lengths)), lengths)
+    scratch = sum_cells(rng.normal(size=(40, 3)).astype(np.float32), np.array([0, 40]), rng.integers(0, parts, (40, reps)), parts)
+    cells = sum_cells(x, offsets, partition, parts, reuse=scratch)  # stale scratch rows must not leak in
+    for r in range(reps):
+        expected = {(s, p): (x[(set_of == s) & (partition[:, r] == p)]) for s, p in set(zip(set_of, partition[:, r]))}
+        n = int(cells.n_cells[r])
+        assert n == len(expected)
+        got = {(int(s), int(p)): (cells.sums[r, c], int(cells.counts[r, c])) for c, (s, p) in enumerate(zip(cells.cell_set[r, :n], cells.cell_part[r, :n]))}
+        assert set(got) == set(expected)
+        for key, rows in expected.items():
+            np.testing.assert_allclose(got[key][0], rows.sum(axis=0), rtol=1e-5, atol=1e-6)
+            assert got[key][1] == len(rows)
+
+
 @pytest.mark.parametrize("final_dim", [None, 60])
 def test_memory_chunks_do_not_change_the_result(monkeypatch, final_dim):
     rng = np.random.default_rng(12)
