@@ -21,7 +21,20 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True)
+def _jit(function):
+    """``numba.njit`` that releases the GIL (the FDE runs on a thread beside the encoder), cached on disk.
+
+    numba caches beside the source or in the user's cache folder; where neither is writable (a
+    read-only install and home) it refuses ``cache=True``, and the kernel is compiled per process
+    instead (~0.4 s) rather than failing.
+    """
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:
+        return numba.njit(nogil=True)(function)
+
+
+@_jit
 def _sum_cells_kernel(x, offsets, partition, slot, sums, counts, cell_set, cell_part, n_cells):  # pragma: no cover - compiled
     reps = partition.shape[1]
     dim = x.shape[1]
