@@ -10,7 +10,9 @@ Policy for bad qrels (each case is counted and reported in ``report.json`` under
   keeping it would only lower every system equally) and counted;
 * a qrels line naming a query that is not in the queries file: dropped and counted;
 * the same (query, document) pair twice: an error if the scores differ, otherwise counted and kept once;
-* a malformed line (not three fields, a non-integer score): an error naming file and line.
+* a malformed line (not three fields, a non-integer score): an error naming file and line;
+* a query with no token the model keeps (only emoji, say): evaluated as an empty ranking (0 on
+  every metric) and counted as ``queries_without_readable_tokens`` (``flows/evaluate.py``).
 """
 from __future__ import annotations
 

@@ -51,14 +51,14 @@ def make_ranker(name: str, index: LateIndex, *, depth: int, candidates: int, prf
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(ALL_SYSTEMS)}")
 
 
-def run_ranker(ranker: Ranker, queries: dict[str, str], *, warmup: int = 3) -> tuple[dict[str, dict[str, float]], list[float]]:
-    """Run every query, timing each one after ``warmup`` untimed queries; return (run, latencies in ms).
+def run_ranker(ranker: Ranker, queries: dict[str, str], *, warmup: int = 3) -> tuple[dict[str, dict[str, float]], list[float], list[str]]:
+    """Run every query, timing each one after ``warmup`` untimed queries; return (run, latencies in ms, unreadable).
 
     A query with no token the model keeps gets an empty ranking (it scores 0 for every metric)
-    instead of stopping the evaluation.
+    instead of stopping the evaluation; ``unreadable`` lists those query ids, for the report.
     """
 
-    def ranked_or_empty(text: str) -> list[tuple[str, float]]:
+    def ranked_or_empty(text: str) -> list[tuple[str, float]] | None:
         from tasks.encode import UNREADABLE_QUERY
 
         try:
@@ -66,19 +66,22 @@ def run_ranker(ranker: Ranker, queries: dict[str, str], *, warmup: int = 3) -> t
         except ValueError as exc:
             if str(exc) != UNREADABLE_QUERY:
                 raise
-            return []
+            return None
 
     texts = list(queries.values())
     for text in texts[:warmup]:
         ranked_or_empty(text)
     run: dict[str, dict[str, float]] = {}
     latencies = []
+    unreadable = []
     for qid, text in queries.items():
         started = time.perf_counter()
         ranked = ranked_or_empty(text)
         latencies.append((time.perf_counter() - started) * 1000)
-        run[qid] = {doc: float(score) for doc, score in ranked}
-    return run, latencies
+        if ranked is None:
+            unreadable.append(qid)
+        run[qid] = {doc: float(score) for doc, score in ranked or []}
+    return run, latencies, unreadable
 
 
 def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:

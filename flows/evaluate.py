@@ -28,8 +28,8 @@ def load_dataset_task(dataset_dir: str, split: str, max_queries: int | None = No
 
 
 @task(name="run-system", cache_policy=NO_CACHE)
-def run_system_task(name: str, index_dir: str, queries: dict[str, str], candidates: int, prf: PRFConfig | None) -> tuple[dict, list[float]]:
-    """Run one system over every query (in-process, timed per query after warm-up)."""
+def run_system_task(name: str, index_dir: str, queries: dict[str, str], candidates: int, prf: PRFConfig | None) -> tuple[dict, list[float], list[str]]:
+    """Run one system over every query (in-process, timed per query after warm-up); see ``run_ranker``."""
     from evaluation.systems import make_ranker, run_ranker
 
     index = _open_index(index_dir)
@@ -132,8 +132,10 @@ def evaluate_flow(
     index = _open_index(str(index_path))
     qrels = to_qrels(dataset.qrels)
     runs, results = {}, {}
+    unreadable: set[str] = set()
     for name in systems:
-        run, latencies = run_system_task(name, str(index_path), dataset.queries, candidates, prf)
+        run, latencies, no_tokens = run_system_task(name, str(index_path), dataset.queries, candidates, prf)
+        unreadable.update(no_tokens)
         runs[name] = to_run(run, name)
         _save_run(run, name, out / "runs")
         results[name] = {**score_run(qrels, runs[name]), "latency_ms": latency_summary(latencies)}
@@ -159,7 +161,8 @@ def evaluate_flow(
         "significance": significance(qrels, runs, REFERENCE) if REFERENCE in runs else {},
         # does feedback help? each PRF system against the same search without it
         "significance_prf": significance(qrels, {n: r for n, r in runs.items() if n in PRF_COMPARISON}, "fde-rerank") if "fde-rerank" in runs else {},
-        "dataset_issues": dataset.issues,
+        # queries the model keeps no token of are scored as empty rankings: counted, not hidden
+        "dataset_issues": {**dataset.issues, "queries_without_readable_tokens": len(unreadable)},
         "machine": machine,
         "machine_line": machine_line(machine),
     }

@@ -95,5 +95,20 @@ def test_an_evaluation_scores_an_unreadable_query_as_an_empty_ranking(unreadable
     index = LateIndex.open(unreadable_index[0])
     queries = {"q1": QUERIES[0], "emoji": "\U0001f600", "q2": QUERIES[1]}
     for system in ("maxsim-exact", "fde", "fde-rerank", "fde-prf-rerank"):
-        run, latencies = run_ranker(make_ranker(system, index, depth=5, candidates=50), queries)
+        run, latencies, unreadable = run_ranker(make_ranker(system, index, depth=5, candidates=50), queries)
         assert run["emoji"] == {} and len(run["q1"]) == len(run["q2"]) == 5 and len(latencies) == 3, system
+        assert unreadable == ["emoji"], system
+
+
+def test_the_evaluate_report_counts_unreadable_queries(unreadable_index, tmp_path):
+    from flows.evaluate import evaluate_flow
+
+    index_dir, _ = unreadable_index
+    dataset = index_dir.parent  # corpus.jsonl of the fixture's index: the flow finds the index up to date
+    write_jsonl(dataset / "queries.jsonl", [{"_id": "q1", "text": QUERIES[0]}, {"_id": "emoji", "text": "\U0001f600"}])
+    first_doc = LateIndex.open(index_dir).doc_ids[0]
+    (dataset / "qrels").mkdir(exist_ok=True)
+    (dataset / "qrels" / "test.tsv").write_text(f"query-id\tcorpus-id\tscore\nq1\t{first_doc}\t1\nemoji\t{first_doc}\t1\n")
+    report = evaluate_flow(str(dataset), str(tmp_path / "report"), systems=["fde-rerank"], index_dir=str(index_dir), config=config())
+    assert report["queries"] == 2 and report["dataset_issues"]["queries_without_readable_tokens"] == 1
+    assert "queries_without_readable_tokens" in (tmp_path / "report" / "report.md").read_text()
