@@ -257,7 +257,7 @@ def gather(
             for segment, rows in row_selection(plan, doc_ids):
                 path = getattr(segment, stage)
                 if cached[0] != path:
-                    cached = (path, fs.read_parquet(path))
+                    cached = (path, fs.read_parquet(path, memory_map=True))  # dropped before the build ends
                 table = cached[1].take(pa.array(rows))
                 ids = pa.array(np.arange(next_id, next_id + table.num_rows, dtype=np.int64))
                 table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), ids)
