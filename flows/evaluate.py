@@ -36,6 +36,29 @@ def run_system_task(name: str, index_dir: str, queries: dict[str, str], candidat
     return run_ranker(make_ranker(name, index, depth=DEPTH, candidates=candidates, prf=prf), queries)
 
 
+def _existing_index(index_path: Path, corpus_path: Path) -> dict[str, Any] | None:
+    """The manifest of the index at ``index_path`` if one is there and holds ``corpus_path``'s file, else None.
+
+    Evaluating an index must not change it: rebuilding it with the command's default settings
+    switched a folder a server may be watching to another configuration, and the report then
+    scored that configuration instead of the user's.
+    """
+    from storage.hashing import sha256_file
+    from storage.manifest import read_manifest
+
+    if not (index_path / "current").exists() and not (index_path / "manifest.json").exists():
+        return None
+    manifest = read_manifest(index_path)
+    built_from = manifest.get("corpus", {}).get("file_sha256")
+    if built_from != sha256_file(corpus_path):
+        raise ValueError(
+            f"{index_path} was built from {manifest.get('corpus', {}).get('path')}, not from {corpus_path} (the files differ): "
+            "bring it up to date first (`lateflow index CORPUS --index DIR` with its settings), pass index options "
+            "(--window, --fde-reps, ...) to rebuild it here with those, or leave out --index to build a fresh one"
+        )
+    return manifest
+
+
 _opened: dict[str, Any] = {}
 
 
@@ -83,6 +106,7 @@ def evaluate_flow(
     prf: PRFConfig | None = None,
     command: str | None = None,
     max_queries: int | None = None,
+    rebuild_existing: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every requested system on a BEIR dataset split and write the report files.
 
@@ -109,6 +133,10 @@ def evaluate_flow(
     max_queries
         Evaluate a fixed subset of at most this many queries (chosen by a hash of their ids; the
         report records ``queries_sampled_from``). None: every query of the split.
+    rebuild_existing
+        False: an existing ``index_dir`` is evaluated as it is, with its own settings, and never
+        rebuilt with ``config`` (``lateflow evaluate --index DIR`` without index options); it must
+        have been built from the dataset's corpus file (same SHA-256), else a ValueError says so.
     """
     from evaluation.curves import fde_recall_curve
     from evaluation.machine import describe_machine, machine_line
@@ -128,7 +156,9 @@ def evaluate_flow(
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset_task(dataset_dir, split, max_queries)
     index_path = Path(index_dir) if index_dir else out / "index"
-    manifest = index_flow(str(dataset.corpus_path), str(index_path), config)
+    manifest = _existing_index(index_path, dataset.corpus_path) if not rebuild_existing else None
+    if manifest is None:
+        manifest = index_flow(str(dataset.corpus_path), str(index_path), config)
     index = _open_index(str(index_path))
     qrels = to_qrels(dataset.qrels)
     runs, results = {}, {}

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from storage.versions import (
     pointer,
     prune_versions,
     remove_legacy_artifacts,
+    remove_incomplete_versions,
     remove_temporaries,
 )
 from tasks.ann import ANNConfig, build_ann_from_blocks
@@ -429,6 +431,7 @@ def index_flow(
     out = _index_dir(index_dir)
     with IndexLock(out):
         remove_temporaries(out)  # a killed run's half-written manifest.json, never read by anyone
+        remove_incomplete_versions(out)  # a killed run's version without a manifest: nobody can read it
         return _build(corpus, out, config, _cache_location(out, cache), keep_versions, started)
 
 
@@ -496,37 +499,43 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
     _run_stages(plan.segments, model_path, config, encoder_config, fde_config, clock)
 
     version = new_version_dir(out, build_key)
-    with clock("assemble"):
-        facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
-    clock.seconds.update({f"assemble_{stage}": seconds for stage, seconds in facts.pop("stage_seconds").items()})
-    corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
-    body = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "version": version.name,
-        "corpus": {"path": corpus_path, "file_sha256": corpus_data.file_sha256},
-        "model": {"spec": config.model or "default", "path": model_path, "fingerprint": settings.model_fingerprint, "dim": dim},
-        "chunking": config.chunk.to_dict(),
-        "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
-        "fde": fde_config.to_dict(),
-        "ann": {**config.ann.to_dict(), **facts.pop("ann")},
-        "token_store": token_store_entry(config.token_codec, dim),
-        "counts": facts,
-        "incremental": {
-            **{f"docs_{k}": v for k, v in changes.items()},
-            "docs_encoded": sum(len(s.doc_ids) for s in to_encode),
-            "segments": len(plan.segments),
-            "segments_encoded": len(to_encode),
-            "segments_reused": sum(not s.new for s in plan.segments),
-        },
-        "versions": library_versions(),
-        "build_seconds": round(time.perf_counter() - started, 3),
-        # where the build's wall time went (stages sum over segments; the rest is planning and bookkeeping)
-        "stage_seconds": clock.rounded(),
-        "build_key": build_key,
-    }
-    manifest = write_manifest(
-        version, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]
-    )
+    try:
+        with clock("assemble"):
+            facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
+        clock.seconds.update({f"assemble_{stage}": seconds for stage, seconds in facts.pop("stage_seconds").items()})
+        corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
+        body = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "version": version.name,
+            "corpus": {"path": corpus_path, "file_sha256": corpus_data.file_sha256},
+            "model": {"spec": config.model or "default", "path": model_path, "fingerprint": settings.model_fingerprint, "dim": dim},
+            "chunking": config.chunk.to_dict(),
+            "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
+            "fde": fde_config.to_dict(),
+            "ann": {**config.ann.to_dict(), **facts.pop("ann")},
+            "token_store": token_store_entry(config.token_codec, dim),
+            "counts": facts,
+            "incremental": {
+                **{f"docs_{k}": v for k, v in changes.items()},
+                "docs_encoded": sum(len(s.doc_ids) for s in to_encode),
+                "segments": len(plan.segments),
+                "segments_encoded": len(to_encode),
+                "segments_reused": sum(not s.new for s in plan.segments),
+            },
+            "versions": library_versions(),
+            "build_seconds": round(time.perf_counter() - started, 3),
+            # where the build's wall time went (stages sum over segments; the rest is planning and bookkeeping)
+            "stage_seconds": clock.rounded(),
+            "build_key": build_key,
+        }
+        manifest = write_manifest(
+            version, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]
+        )
+    except BaseException:
+        # a failed assembly (a full disk, say) leaves no half-written version behind to pile up run
+        # after run; the segments it read stay in the cache for the next attempt
+        shutil.rmtree(version, ignore_errors=True)
+        raise
     _switch(out, version, manifest, keep_versions)
     _tidy_cache(plan, corpus_data.docs, cache, settings)
     return manifest

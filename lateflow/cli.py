@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -272,17 +273,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate_flow
 
     command = " ".join(["lateflow", "evaluate", *map(str, sys.argv[2:])]) if sys.argv[1:2] == ["evaluate"] else None
+    config = index_config_from_args(args)
+    # `--index DIR` alone evaluates that index as it is; only index options given on the command
+    # line (compared with their defaults) may rebuild it
+    defaults = index_config_from_args(build_parser().parse_args(["evaluate", str(args.dataset), "--out", str(args.out)]))
+    asked = replace(config, device=None, on_error=defaults.on_error) != replace(defaults, device=None)
     report = evaluate_flow(
         str(args.dataset),
         str(args.out),
         split=args.split,
         systems=args.systems,
         index_dir=str(args.index) if args.index else None,
-        config=index_config_from_args(args),
+        config=config,
         candidates=args.candidates,
         prf=prf_config_from_args(args),
         command=command,
         max_queries=args.max_queries,
+        rebuild_existing=asked,
     )
     print(f"\n{report['dataset']} ({report['split']}): {report['docs']} docs, {report['queries']} queries, {report['evaluation_seconds']:.0f} s\n")
     print(render_table(report))
@@ -360,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--split", default="test", help="qrels split (default test)")
     p.add_argument("--systems", nargs="+", default=None, metavar="NAME", help="systems to run (default: all): " + ", ".join(_system_names()))
-    p.add_argument("--index", type=Path, default=None, help="index folder to build or reuse (default OUT/index)")
+    p.add_argument("--index", type=Path, default=None, help="index folder (default OUT/index). An existing one is evaluated as it is, with its own settings, unless index options are given, which rebuild it with those; it must hold this dataset's corpus file")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates for fde-rerank (default {DEFAULT_CANDIDATES})")
     p.add_argument("--max-queries", type=int, default=None, metavar="N", help="evaluate a fixed subset of N queries (chosen by a hash of their ids; default: all)")
     _add_index_options(p)

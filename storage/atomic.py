@@ -43,6 +43,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if str(path) in str(exc):
+            raise
+        # pyarrow's write errors ("Error writing bytes to file ... No space left on device") name no
+        # file; OSError(errno, ...) keeps the subclass (FileNotFoundError, ...) of the errno
+        raise (OSError(exc.errno, f"writing {path}: {exc.strerror or exc}") if exc.errno else OSError(f"writing {path}: {exc}")) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -84,6 +84,17 @@ def prune_versions(index_dir: Path, keep: list[str]) -> list[str]:
     return removed
 
 
+def remove_incomplete_versions(index_dir: Path) -> list[str]:
+    """Remove version folders that have no manifest (a killed or failed assembly); only call while holding the run lock."""
+    root = index_dir / VERSIONS_DIR
+    if not root.is_dir():
+        return []
+    incomplete = [folder for folder in sorted(root.iterdir()) if folder.is_dir() and not (folder / MANIFEST).exists()]
+    for folder in incomplete:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [folder.name for folder in incomplete]
+
+
 def remove_legacy_artifacts(index_dir: Path) -> None:
     """Delete artifacts that a build from before versions left beside ``INDEX/manifest.json``."""
     for name in LEGACY_FILES:

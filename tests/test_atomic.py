@@ -22,3 +22,17 @@ def test_written_files_follow_the_umask(tmp_path, mask, mode):
     assert stat.S_IMODE(plain.stat().st_mode) == mode
     for path in paths:
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path):
+    from storage.atomic import atomic_path
+
+    target = tmp_path / "tokens.parquet"
+    with pytest.raises(OSError, match="writing .*tokens.parquet: .*No space left on device") as info:
+        with atomic_path(target):
+            raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    assert info.value.errno == 28
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):  # the errno's subclass survives
+        with atomic_path(target):
+            raise FileNotFoundError(2, "gone")

@@ -65,3 +65,27 @@ def test_unknown_system_and_missing_split_are_clear_errors(tmp_path, limit_small
         evaluate_flow(str(limit_small), str(tmp_path / "a"), systems=["colbert-magic"])
     with pytest.raises(DatasetError, match="no qrels for split 'dev'"):
         evaluate_flow(str(limit_small), str(tmp_path / "b"), split="dev")
+
+
+def test_evaluate_with_an_existing_index_leaves_it_as_it_is(tmp_path, limit_small, limit_small_index, capsys):
+    """`lateflow evaluate --index DIR` without index options: no rebuild with the defaults, no switch."""
+    import shutil
+
+    from lateflow.cli import main as cli_main
+    from storage.versions import current_version
+
+    index = tmp_path / "index"
+    shutil.copytree(limit_small_index, index)
+    before = current_version(index)
+    args = ["evaluate", str(limit_small), "--out", str(tmp_path / "r"), "--index", str(index), "--systems", "bm25", "--max-queries", "5"]
+    assert cli_main(args) == 0
+    assert current_version(index) == before and sorted(p.name for p in (index / "versions").iterdir()) == [before]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["settings"]["chunking"]["window"] == 64  # the index's own settings, not the default 256
+    # an index of another corpus is refused, not rebuilt
+    other = tmp_path / "other"
+    shutil.copytree(limit_small, other)
+    with open(other / "corpus.jsonl", "a", encoding="utf-8") as corpus:
+        corpus.write(json.dumps({"_id": "extra", "title": "", "text": "Hugo likes quokkas."}) + "\n")
+    assert cli_main(["evaluate", str(other), *args[2:]]) == 2
+    assert "was built from" in capsys.readouterr().err and current_version(index) == before

@@ -233,3 +233,28 @@ def test_file_urls_and_an_fsspec_cache_and_corpus(tmp_path, limit_docs, prefect_
 def test_reading_a_missing_index_names_the_problem(tmp_path):
     with pytest.raises(IndexFormatError, match="no such index folder"):
         read_manifest(tmp_path / "nothing")
+
+
+def test_a_failed_assembly_leaves_no_version_behind(tmp_path, limit_docs, prefect_harness, monkeypatch):
+    """A full disk while assembling: the error names the file, the current version stays, no debris."""
+    index = tmp_path / "index"
+    index_flow(str(write_jsonl(tmp_path / "a.jsonl", limit_docs[:8])), str(index), config())
+    before = sorted(p.name for p in (index / "versions").iterdir())
+
+    def disk_full(index_obj, path):
+        from storage.atomic import atomic_path
+
+        with atomic_path(path):
+            raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(files, "write_faiss", disk_full)
+    bigger = write_jsonl(tmp_path / "b.jsonl", limit_docs[:10])
+    with pytest.raises(OSError, match=r"ann\.faiss: .*No space left"):
+        index_flow(str(bigger), str(index), config())
+    assert sorted(p.name for p in (index / "versions").iterdir()) == before
+    LateIndex.open(index)  # the current version still serves
+    # a version folder a killed run left without a manifest goes at the next run
+    (index / "versions" / "20000101T000000Z-deadbeef").mkdir()
+    monkeypatch.undo()
+    index_flow(str(bigger), str(index), config())
+    assert "20000101T000000Z-deadbeef" not in [p.name for p in (index / "versions").iterdir()]
