@@ -486,9 +486,11 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
     docs_of = {d: i for i, d in enumerate(corpus_data.docs.column("doc_id").to_pylist())}
     for s in plan.segments:
         if s.new:
-            s.present = {stage: fs.exists(getattr(s, stage)) for stage in seg.STAGES}
+            s.present = {stage: seg.stage_file_usable(getattr(s, stage)) for stage in seg.STAGES}
             if not fs.exists(s.docs):
                 fs.write_parquet(corpus_data.docs.take(pa.array([docs_of[d] for d in s.doc_ids], type=pa.int64())), s.docs)
+    # before any stage runs: another index sharing this cache must not prune what this build needs
+    seg.register_cache_user(cache, str(out.resolve()), {path for s in plan.segments for path in s.paths().values()})
     to_encode = [s for s in plan.segments if not s.present.get("tokens")]
     changes = _changes(previous, corpus_data.docs)
     logger.info(
@@ -537,12 +539,12 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         shutil.rmtree(version, ignore_errors=True)
         raise
     _switch(out, version, manifest, keep_versions)
-    _tidy_cache(plan, corpus_data.docs, cache, settings)
+    _tidy_cache(plan, corpus_data.docs, cache, settings, str(out.resolve()))
     return manifest
 
 
-def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.SegmentSettings) -> None:
-    """Keep the cache bounded: drop files no live document needs, compact mostly-dead segments.
+def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.SegmentSettings, index_dir: str) -> None:
+    """Keep the cache bounded: drop files no live document of any index using it needs, compact mostly-dead segments.
 
     Runs after the switch, so a crash here costs nothing but disk until the next run.
     """
@@ -553,4 +555,5 @@ def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.Segmen
         if 2 * len(live) < len(s.doc_ids):
             s = seg.compact(s, live, cache, settings)
         keep.update(s.paths().values())
-    seg.prune_cache(cache, keep)
+    seg.register_cache_user(cache, index_dir, keep)
+    seg.prune_cache(cache, keep, index_dir)

@@ -23,6 +23,7 @@ stays within about twice the size of the live index however the corpus churns.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import pyarrow as pa
 from storage import fs
 from storage.atomic import atomic_path, parquet_writer
 from storage.hashing import stable_key
+from storage.manifest import IndexFormatError
 
 DOC_PREFIX, CHUNK_PREFIX, TOKEN_PREFIX, FDE_PREFIX = "docs-", "chunks-", "tokens-", "fde-"
 STAGES = ("chunks", "tokens", "fde")
@@ -105,6 +107,99 @@ def make_segment(cache: str, doc_ids: list[str], content_hashes: list[str], sett
     )
 
 
+def stage_file_usable(path: str) -> bool:
+    """Whether a segment's stage file exists and its Parquet footer reads; a damaged one is deleted.
+
+    The cache is disposable: a truncated or overwritten shard (a full disk, a bad copy) would
+    otherwise stop every later build with pyarrow's error, while recomputing the stage is all it
+    takes. Damage inside a file whose footer reads is caught where the file is read
+    (:func:`read_stage_file`).
+    """
+    if not fs.exists(path):
+        return False
+    try:
+        fs.read_parquet_metadata(path)
+        return True
+    except (pa.ArrowInvalid, OSError) as exc:
+        logging.getLogger("lateflow.index").warning("%s: damaged cache file, deleted and recomputed (%s)", path, exc)
+        fs.delete(path)
+        return False
+
+
+def read_stage_file(path: str, columns: list[str] | None = None, *, memory_map: bool = False) -> pa.Table:
+    """Read a segment's stage file; damage gets an :class:`IndexFormatError` that names the file and the fix."""
+    try:
+        return fs.read_parquet(path, columns=columns, memory_map=memory_map)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise IndexFormatError(f"{path}: damaged or missing cache file ({exc}); delete it and run again: the next run recomputes it") from exc
+
+
+USERS_DIR = ".lateflow-users"
+
+
+def register_cache_user(cache: str, index_dir: str, files: set[str]) -> None:
+    """Record in the cache which of its files the index at ``index_dir`` uses.
+
+    Index folders may share a cache (``--cache``; segments are keyed by their settings, so indexes
+    that differ only in later stages reuse each other's chunks and tokens). A build prunes what no
+    registered index uses (:func:`prune_cache`): pruning by its own needs alone deleted the other
+    indexes' segments, so their next update re-encoded everything and a build running at the time
+    failed on a vanished file. A build registers its plan before any stage runs, and what it kept
+    after pruning.
+    """
+    import hashlib
+    import json
+
+    entry = {"index": index_dir, "files": sorted(_name(path) for path in files)}
+    fs.makedirs(f"{cache}/{USERS_DIR}")
+    _write_text(f"{cache}/{USERS_DIR}/{hashlib.sha256(index_dir.encode()).hexdigest()[:16]}.json", json.dumps(entry))
+
+
+def _files_of_other_users(cache: str, index_dir: str) -> tuple[set[str], int]:
+    """File names that other live index folders registered, and how many such folders there are."""
+    import json
+
+    names: set[str] = set()
+    users = 0
+    for path in fs.list_files(f"{cache}/{USERS_DIR}", suffix=".json"):
+        try:
+            entry = json.loads(_read_text(path))
+            other = str(entry["index"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # half-written by a killed run: that index re-registers at its next build
+        if other == index_dir:
+            continue
+        if not Path(other).is_dir():
+            fs.delete(path)  # that index folder is gone
+            continue
+        users += 1
+        names.update(entry.get("files", []))
+    return names, users
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+
+
+def _read_text(path: str) -> str:
+    if fs.is_local(path):
+        return fs.local_path(path).read_text(encoding="utf-8")
+    filesystem, inner = fs.resolve(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read().decode("utf-8")
+
+
+def _write_text(path: str, text: str) -> None:
+    if fs.is_local(path):
+        from storage.atomic import write_bytes
+
+        write_bytes(text.encode("utf-8"), fs.local_path(path))
+        return
+    filesystem, inner = fs.resolve(path)
+    with filesystem.open_output_stream(inner) as stream:
+        stream.write(text.encode("utf-8"))
+
+
 def read_catalog(cache: str, settings: SegmentSettings) -> list[Segment]:
     """Every segment in the cache (from its ``docs-*`` file), with which stage files exist."""
     segments = []
@@ -116,7 +211,7 @@ def read_catalog(cache: str, settings: SegmentSettings) -> list[Segment]:
         segment = make_segment(cache, table.column("doc_id").to_pylist(), table.column("content_hash").to_pylist(), settings)
         if segment.docs != path:
             continue  # a file whose name does not match its content is never trusted
-        segment.present = {stage: fs.exists(getattr(segment, stage)) for stage in STAGES}
+        segment.present = {stage: stage_file_usable(getattr(segment, stage)) for stage in STAGES}
         segments.append(segment)
     return segments
 
@@ -222,7 +317,7 @@ def row_selection(plan: Plan, doc_ids: list[str]) -> Iterator[tuple[Segment, np.
     for seg_index, first, end in _runs(plan.assignment):
         segment = plan.segments[seg_index]
         if seg_index not in ranges:
-            chunk_ids = fs.read_parquet(segment.chunks, columns=["doc_id"]).column("doc_id").to_pylist()
+            chunk_ids = read_stage_file(segment.chunks, columns=["doc_id"]).column("doc_id").to_pylist()
             ranges[seg_index] = doc_row_ranges(chunk_ids), vector_counts(segment.tokens)
         spans, counts = ranges[seg_index]
         rows = [np.arange(*span, dtype=np.int64) for span in (spans.get(doc) for doc in doc_ids[first:end]) if span is not None]
@@ -237,7 +332,7 @@ def vector_counts(tokens_path: str) -> np.ndarray:
     """Token vectors of each chunk of a segment's token file (read from its token id lists only)."""
     import pyarrow.compute as pc
 
-    ids = fs.read_parquet(tokens_path, columns=["token_ids"]).column("token_ids")
+    ids = read_stage_file(tokens_path, columns=["token_ids"]).column("token_ids")
     return pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -257,7 +352,7 @@ def gather(
             for segment, rows in row_selection(plan, doc_ids):
                 path = getattr(segment, stage)
                 if cached[0] != path:
-                    cached = (path, fs.read_parquet(path, memory_map=True))  # dropped before the build ends
+                    cached = (path, read_stage_file(path, memory_map=True))  # dropped before the build ends
                 table = cached[1].take(pa.array(rows))
                 ids = pa.array(np.arange(next_id, next_id + table.num_rows, dtype=np.int64))
                 table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), ids)
@@ -299,13 +394,21 @@ def compact(segment: Segment, live: set[str], cache: str, settings: SegmentSetti
     return out
 
 
-def prune_cache(cache: str, keep: set[str]) -> int:
-    """Delete cache files (and leftover temporaries) not in ``keep``; return how many went."""
+def prune_cache(cache: str, keep: set[str], index_dir: str | None = None) -> int:
+    """Delete cache files (and leftover temporaries) that neither ``keep`` nor another index registered; return how many went.
+
+    With ``index_dir``, the files other index folders registered (:func:`register_cache_user`)
+    are kept too, and temporaries are left alone while another index uses the cache (its build may
+    be writing them).
+    """
+    others, other_users = _files_of_other_users(cache, index_dir) if index_dir is not None else (set(), 0)
+    keep_names = {_name(path) for path in keep} | others
     removed = 0
     for path in fs.list_files(cache):
-        name = path.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+        name = _name(path)
         is_ours = name.endswith(".parquet") and name.startswith((DOC_PREFIX, CHUNK_PREFIX, TOKEN_PREFIX, FDE_PREFIX))
-        if (is_ours or name.endswith(".tmp")) and path not in keep:
+        leftover = name.endswith(".tmp") and other_users == 0
+        if (is_ours or leftover) and name not in keep_names:
             fs.delete(path)
             removed += 1
     return removed

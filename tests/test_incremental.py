@@ -258,3 +258,43 @@ def test_a_failed_assembly_leaves_no_version_behind(tmp_path, limit_docs, prefec
     monkeypatch.undo()
     index_flow(str(bigger), str(index), config())
     assert "20000101T000000Z-deadbeef" not in [p.name for p in (index / "versions").iterdir()]
+
+
+def test_a_damaged_cache_shard_is_recomputed(tmp_path, limit_docs, prefect_harness):
+    index = tmp_path / "index"
+    index_flow(str(write_jsonl(tmp_path / "a.jsonl", limit_docs[:10])), str(index), config())
+    shards = sorted((index / ".cache").glob("tokens-*.parquet"))
+    assert len(shards) == 2
+    damaged = shards[0]
+    with open(damaged, "r+b") as handle:
+        handle.truncate(5000)  # a full disk or a bad copy: the footer is gone
+    manifest = index_flow(str(write_jsonl(tmp_path / "b.jsonl", limit_docs[:11])), str(index), config())
+    assert manifest["incremental"]["segments_encoded"] == 2  # the damaged segment and the new document's
+    pq.read_metadata(damaged)  # rewritten whole
+    fresh = index_flow(str(tmp_path / "b.jsonl"), str(tmp_path / "fresh"), config())
+    assert manifest["counts"] == fresh["counts"]
+    assert [h.doc_id for h in LateIndex.open(index).search(QUERIES[0], k=5)] == [h.doc_id for h in LateIndex.open(tmp_path / "fresh").search(QUERIES[0], k=5)]
+
+
+def test_indexes_sharing_a_cache_keep_each_others_segments(tmp_path, limit_docs, prefect_harness):
+    from dataclasses import replace
+
+    cache = str(tmp_path / "shared-cache")
+    tokens = lambda: {p.name for p in Path(cache).glob("tokens-*.parquet")}  # noqa: E731
+    first, second = write_jsonl(tmp_path / "a.jsonl", limit_docs[:10]), write_jsonl(tmp_path / "b.jsonl", limit_docs[20:30])
+    index_flow(str(first), str(tmp_path / "A"), config(), cache=cache)
+    of_a = tokens()
+    other = replace(config(), fde=FDEParams(repetitions=4, simhash_bits=2, projection_dim=8))  # other segment keys
+    index_flow(str(second), str(tmp_path / "B"), other, cache=cache)
+    of_b = tokens() - of_a
+    assert len(of_a) == len(of_b) == 2
+    # B's build must not have pruned A's segments: adding one document to A encodes that one only
+    grown = index_flow(str(write_jsonl(tmp_path / "a2.jsonl", limit_docs[:11])), str(tmp_path / "A"), config(), cache=cache)
+    assert grown["incremental"]["docs_encoded"] == 1
+    again = index_flow(str(second), str(tmp_path / "B2"), other, cache=cache)  # nor A's build B's
+    assert again["incremental"]["docs_encoded"] == 0
+    # once the index folders that used them are gone, their files go at the next build of A
+    shutil.rmtree(tmp_path / "B")
+    shutil.rmtree(tmp_path / "B2")
+    index_flow(str(write_jsonl(tmp_path / "a3.jsonl", limit_docs[:12])), str(tmp_path / "A"), config(), cache=cache)
+    assert not tokens() & of_b and of_a <= tokens() and len(tokens()) == 4
