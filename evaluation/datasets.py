@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from storage.corpus import CorpusError, resolve_corpus_path, utf8_codec
+
 
 class DatasetError(ValueError):
     """A dataset that cannot be evaluated; the message names the file and line."""
@@ -59,7 +61,7 @@ def read_queries(path: Path) -> dict[str, str]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(utf8_codec(line_no))
             except UnicodeDecodeError as exc:
                 raise DatasetError(f"{path}:{line_no}: bytes are not valid UTF-8") from exc
             if not line.strip():
@@ -84,7 +86,7 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], int]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode(utf8_codec(line_no)).rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 raise DatasetError(f"{path}:{line_no}: bytes are not valid UTF-8") from exc
             if not line.strip():
@@ -111,15 +113,31 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], int]:
 
 
 def corpus_ids(corpus_path: Path) -> set[str]:
-    """The ``_id`` of every corpus record (without validating the rest; indexing does that)."""
+    """The id of every corpus record, by the index's rules (``_id`` or ``doc_id``; JSON Lines or Parquet).
+
+    Nothing else is validated here: the index flow reports malformed records with their line
+    numbers. The same rules matter: a judged document the index accepts but this missed would be
+    dropped as unknown, and change every metric.
+    """
+    if corpus_path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(corpus_path).names
+        column = "_id" if "_id" in names else "doc_id" if "doc_id" in names else None
+        if column is None:
+            raise DatasetError(f"{corpus_path}: no '_id' or 'doc_id' column")
+        return {str(v) for v in pq.read_table(corpus_path, columns=[column]).column(column).to_pylist() if v is not None}
     ids = set()
     with open(corpus_path, "rb") as handle:
-        for raw in handle:
+        for line_no, raw in enumerate(handle, start=1):
             if raw.strip():
                 try:
-                    ids.add(str(json.loads(raw)["_id"]))
-                except (ValueError, KeyError, TypeError):
+                    record = json.loads(raw.decode(utf8_codec(line_no)))
+                    doc_id = record.get("_id", record.get("doc_id"))
+                except (ValueError, AttributeError):
                     continue  # the index flow reports malformed corpus lines with their line numbers
+                if isinstance(doc_id, (str, int)) and not isinstance(doc_id, bool):
+                    ids.add(str(doc_id))
     return ids
 
 
@@ -128,9 +146,10 @@ def load_dataset(root: str | os.PathLike, split: str = "test") -> EvalDataset:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such dataset folder")
-    corpus_path = root / "corpus.jsonl"
-    if not corpus_path.is_file():
-        raise DatasetError(f"{corpus_path}: missing corpus file")
+    try:
+        corpus_path = resolve_corpus_path(root)  # corpus.jsonl or corpus.parquet, as `lateflow index` reads
+    except CorpusError as exc:
+        raise DatasetError(str(exc)) from exc
     qrels_path, queries_path = _split_files(root, split)
     queries = read_queries(queries_path)
     qrels, duplicates = read_qrels(qrels_path)

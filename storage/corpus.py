@@ -47,6 +47,10 @@ class Corpus:
         return self.docs.num_rows
 
 
+# formats that are easy to pass by mistake and would otherwise fail as "malformed JSON" on line 1
+UNSUPPORTED_SUFFIXES = (".csv", ".tsv", ".gz", ".zip", ".bz2", ".xz", ".zst", ".xlsx")
+
+
 def resolve_corpus_path(path: str | os.PathLike) -> Path:
     """Return the corpus file for a BEIR folder, a ``.jsonl`` file or a ``.parquet`` file."""
     path = Path(path)
@@ -76,11 +80,23 @@ def full_text(title: str, text: str) -> str:
     return title or text
 
 
+def utf8_codec(line_no: int) -> str:
+    """The codec of a text file's line: ``utf-8-sig`` for line 1, which drops the byte-order mark
+    Windows tools and spreadsheet exports put there (a BOM elsewhere is content, never stripped).
+
+    Examples
+    --------
+    >>> b"\\xef\\xbb\\xbf{}".decode(utf8_codec(1)), b"{}".decode(utf8_codec(1)), utf8_codec(2)
+    ('{}', '{}', 'utf-8')
+    """
+    return "utf-8-sig" if line_no == 1 else "utf-8"
+
+
 def _records_jsonl(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any] | CorpusError]]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(utf8_codec(line_no))
             except UnicodeDecodeError as exc:
                 yield line_no, CorpusError(
                     f"{name}:{line_no}: bytes are not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})"
@@ -189,6 +205,8 @@ def _rejected_id(record: object) -> str | None:
 def _read_corpus_file(file: Path, name: str, on_error: OnError) -> Corpus:
     """Parse a local corpus file; ``name`` (its path or URL) is what messages and records cite."""
     is_parquet = file.suffix == ".parquet"
+    if not is_parquet and file.suffix.lower() in UNSUPPORTED_SUFFIXES:
+        raise CorpusError(f"{name}: unsupported corpus format ({file.suffix}): use JSON Lines (.jsonl, one document per line) or .parquet")
     records = _records_parquet(file, name) if is_parquet else _records_jsonl(file, name)
     unit = "row" if is_parquet else "line"
     docs: dict[str, list] = {name: [] for name in DOCS.names}

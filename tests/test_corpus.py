@@ -1,6 +1,8 @@
 """Corpus reading: every bad input of the issue gets a clear error or a recorded rejection."""
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -91,3 +93,14 @@ def test_missing_path_and_folder_without_corpus(tmp_path):
         read_corpus(tmp_path / "nope.jsonl")
     with pytest.raises(CorpusError, match="no corpus.jsonl"):
         read_corpus(tmp_path)
+
+
+def test_a_byte_order_mark_on_line_one_is_dropped_and_other_formats_are_named(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
+    assert read_corpus(path).docs.column("doc_id").to_pylist() == ["a", "b"]
+    for suffix in (".csv", ".tsv", ".gz"):
+        other = tmp_path / f"corpus{suffix}"
+        other.write_text("_id,text\na,x\n")
+        with pytest.raises(CorpusError, match=rf"unsupported corpus format \({re.escape(suffix)}\)"):
+            read_corpus(other)

@@ -25,7 +25,7 @@ def test_good_dataset(tmp_path):
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(DatasetError, match="corpus.jsonl: missing corpus file"):
+    with pytest.raises(DatasetError, match="no corpus.jsonl or corpus.parquet in this folder"):
         load_dataset(make_dataset(tmp_path / "a", ["q1\td1\t1"], corpus=False))
     with pytest.raises(DatasetError, match="queries.jsonl: missing queries file"):
         load_dataset(make_dataset(tmp_path / "b", ["q1\td1\t1"], queries=False))
@@ -71,3 +71,25 @@ def test_scifact_style_split_folder(tmp_path):
     (root / "train" / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nt1\td2\t1\n")
     ds = load_dataset(root, split="train")
     assert ds.queries == {"t1": "train q"} and ds.qrels == {"t1": {"d2": 1}}
+
+
+def test_a_byte_order_mark_is_not_part_of_line_one(tmp_path):
+    root = make_dataset(tmp_path / "ds", ["q1\td1\t1"])
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        path = root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = load_dataset(root)
+    assert ds.qrels == {"q1": {"d1": 1}} and ds.queries["q1"] == "x" and not any(ds.issues.values())
+
+
+def test_corpora_keyed_by_doc_id_or_in_parquet_are_read_as_the_index_reads_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = make_dataset(tmp_path / "ds", ["q1\td1\t1", "q2\td2\t1"])
+    write_jsonl(root / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"doc_id": "d2", "text": "b"}])
+    assert load_dataset(root).qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    (root / "corpus.jsonl").unlink()
+    pq.write_table(pa.table({"doc_id": ["d1", "d2"], "text": ["a", "b"]}), root / "corpus.parquet")
+    ds = load_dataset(root)
+    assert ds.corpus_path.name == "corpus.parquet" and ds.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
