@@ -63,6 +63,10 @@ def write_manifest(index_dir: Path, body: dict[str, Any], files: list[str]) -> d
     return manifest
 
 
+# sections of a version manifest, and the keys in them, that LateIndex and the service read
+REQUIRED_SECTIONS = {"model": ("path", "dim"), "encoding": ("precision",), "fde": ("dim",), "ann": ("kind",), "files": ()}
+
+
 def _load(path: Path, index_dir: Path) -> dict[str, Any]:
     """Parse a manifest file and check its format fields (not its files)."""
     if not index_dir.is_dir():
@@ -126,6 +130,15 @@ def read_manifest(index_dir: str | os.PathLike, *, verify_hashes: bool = False) 
     manifest = _load(path, folder)
     if manifest["format_version"] not in READABLE_FORMAT_VERSIONS:
         raise IndexFormatError(f"{path}: an index folder must hold a format {' or '.join(map(str, READABLE_FORMAT_VERSIONS))} manifest")
+    # what opening an index reads: a hand-edited manifest without one of them raised a bare KeyError
+    for section, keys in REQUIRED_SECTIONS.items():
+        if not isinstance(manifest.get(section), dict):
+            raise IndexFormatError(f"{path}: no '{section}' section (the manifest was edited or damaged; rebuild the index)")
+        missing = [key for key in keys if key not in manifest[section]]
+        if missing:
+            raise IndexFormatError(f"{path}: '{section}' lacks {missing} (the manifest was edited or damaged; rebuild the index)")
+    if not isinstance(manifest.get("index_id"), str):
+        raise IndexFormatError(f"{path}: no 'index_id' (the manifest was edited or damaged; rebuild the index)")
     for name, facts in manifest.get("files", {}).items():
         file = folder / name
         if not file.is_file():

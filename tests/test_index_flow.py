@@ -163,6 +163,18 @@ def test_open_reports_missing_and_truncated_files(scifact_index, tmp_path):
         LateIndex.open(tmp_path / "copy")
 
 
+@pytest.mark.parametrize("section, key", [("encoding", None), ("model", "path"), ("fde", "dim"), ("ann", None), (None, "index_id")])
+def test_a_manifest_missing_a_section_names_it(scifact_index, tmp_path, section, key):
+    out, _ = scifact_index
+    shutil.copytree(out, tmp_path / "copy")
+    path = resolve_index_dir(tmp_path / "copy") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del (manifest[section] if section and key else manifest)[key or section]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match=rf"manifest\.json: .*'{key or section}'"):
+        LateIndex.open(tmp_path / "copy")
+
+
 def test_incompatible_format_version(scifact_index, tmp_path):
     out, _ = scifact_index
     copy = tmp_path / "old"
