@@ -57,7 +57,7 @@ from storage.versions import (
 )
 from tasks.ann import ANNConfig, build_ann_from_blocks
 from tasks.chunk import ChunkConfig, chunk_task
-from tasks.encode import PRECISION_CHOICES, PRECISIONS, EncoderConfig, encode_task, load_encoder, resolve_model_path, resolve_precision, select_device
+from tasks.encode import MIN_BATCH_TOKENS, PRECISION_CHOICES, PRECISIONS, EncoderConfig, encode_task, load_encoder, resolve_model_path, resolve_precision, select_device
 from tasks.fde import FDEConfig
 from tasks.fde import fde_task
 from tasks.idf import document_frequencies
@@ -107,9 +107,18 @@ class IndexConfig:
     token_codec: str = DEFAULT_TOKEN_CODEC
 
     def __post_init__(self) -> None:
-        get_token_codec(self.token_codec)  # a clear ValueError for an unknown name, before any work
+        # every setting is checked here, before any work: a bad one found inside the flow came with
+        # Prefect's run-failure tracebacks in front of the message
+        get_token_codec(self.token_codec)
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(f"shard_size (--shard-size) must be a positive number of documents, got {self.shard_size!r}")
+        if isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or self.batch_tokens < MIN_BATCH_TOKENS:
+            raise ValueError(f"batch_tokens (--batch-tokens) must be at least {MIN_BATCH_TOKENS}, got {self.batch_tokens!r}")
+        self.fde.config(dim=1)  # FDEConfig names the bad field (repetitions, simhash_bits, ...); dim comes from the model
+        if self.device is not None:
+            select_device(self.device)
 
     def token_codec_key(self) -> list[dict[str, str]]:
         """The codec's part of the build key: empty for float16, so indexes built before codecs keep their key.

@@ -127,9 +127,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     from storage.manifest import resolve_index_dir
     from storage.versions import current_version
 
+    if args.keep_versions < 1:  # checked here too: inside the flow it came after Prefect's tracebacks
+        raise ValueError(f"--keep-versions must be at least 1, got {args.keep_versions}")
+    config = index_config_from_args(args)
     flow = with_runner(index_flow, args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers)
     before = current_version(local_path(args.index)) if is_local(args.index) else None
-    manifest = flow(args.corpus, args.index, index_config_from_args(args), cache=args.cache, keep_versions=args.keep_versions)
+    manifest = flow(args.corpus, args.index, config, cache=args.cache, keep_versions=args.keep_versions)
     if before is not None and manifest.get("version") == before:
         print(f"{args.index} is up to date: version {before} already holds this corpus with these settings (nothing to do)")
         return 0

@@ -205,6 +205,10 @@ class LateIndex:
     ) -> None:
         if query_precision is not None and query_precision not in PRECISIONS:
             raise ValueError(f"query_precision must be one of {PRECISIONS} or None, got {query_precision!r}")
+        if device is not None:
+            from tasks.encode import select_device
+
+            select_device(device)  # an unknown device, or cuda without a GPU: a ValueError now, not at the first query
         self.path = path
         self.query_precision = query_precision or manifest["encoding"]["precision"]
         self.manifest = manifest

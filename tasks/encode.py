@@ -95,11 +95,35 @@ def punctuation_token_ids(tokenizer: Any) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+MIN_BATCH_TOKENS = 64
+
+
 def select_device(device: str | None = None) -> str:
-    """``device`` if given, else cuda when a GPU is present, else cpu."""
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``device`` if given, else cuda when a GPU is present, else cpu.
+
+    A device torch does not know, or cuda where torch sees no GPU, is a ValueError before any work
+    (torch's own failure comes at the first tensor moved, as an AssertionError deep in the model).
+
+    Examples
+    --------
+    >>> select_device("cpu")
+    'cpu'
+    >>> select_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: device 'gpu' is not a torch device (cpu, cuda, cuda:N, mps, ...)
+    """
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here (torch {torch.__version__}); leave --device out to use the CPU")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no MPS device here")
+    return device
 
 
 def fast_bf16(device: str) -> bool:
@@ -157,8 +181,8 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.batch_tokens < 64 or self.max_batch_size < 1 or self.max_query_tokens < 1:
-            raise ValueError("batch_tokens >= 64, max_batch_size >= 1 and max_query_tokens >= 1 are required")
+        if self.batch_tokens < MIN_BATCH_TOKENS or self.max_batch_size < 1 or self.max_query_tokens < 1:
+            raise ValueError(f"batch_tokens >= {MIN_BATCH_TOKENS}, max_batch_size >= 1 and max_query_tokens >= 1 are required")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

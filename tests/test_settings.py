@@ -54,3 +54,29 @@ def test_only_orphaned_ephemeral_servers_of_this_prefect_home_are_stopped(tmp_pa
                 os.kill(pid, 9)
             except OSError:
                 pass
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"shard_size": 0}, "shard_size"),
+    ({"batch_tokens": 10}, "batch_tokens"),
+    ({"device": "gpu"}, "not a torch device"),
+    ({"device": "cuda"}, "no CUDA GPU"),
+])
+def test_index_settings_are_checked_before_any_work(changes, message):
+    import torch
+
+    from flows.index import IndexConfig
+
+    if changes.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=message):
+        IndexConfig(**changes)
+
+
+def test_bad_fde_settings_are_named_before_any_work():
+    from flows.index import FDEParams, IndexConfig
+
+    with pytest.raises(ValueError, match="repetitions"):
+        IndexConfig(fde=FDEParams(repetitions=0))
+    with pytest.raises(ValueError, match="simhash_bits"):
+        IndexConfig(fde=FDEParams(simhash_bits=40))
