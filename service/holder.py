@@ -173,6 +173,7 @@ class IndexHolder:
             previous_id = previous.index_id if previous else None
             started = time.perf_counter()
             if previous is not None and manifest_index_id(self.path) == previous_id:
+                self._back_to_serving_version()
                 return self._finish(ReloadResult("unchanged", trigger, previous_id, previous_id, 0.0, at=_now()))
             try:
                 index = self._load_consistent()
@@ -195,6 +196,7 @@ class IndexHolder:
                 return result
             seconds = time.perf_counter() - started
             if previous is not None and index.index_id == previous_id:
+                self._back_to_serving_version()
                 return self._finish(ReloadResult("unchanged", trigger, previous_id, previous_id, round(seconds, 3), at=_now()))
             loaded = LoadedIndex(index, index.index_id, self.path, _now(), round(seconds, 3))
             with self._swap_lock:
@@ -203,6 +205,16 @@ class IndexHolder:
                 self.last_error = None
             logger.info("index %s swapped in (%s, was %s) from %s, loaded in %.2f s", loaded.index_id, trigger, previous_id, self.path, seconds)
             return self._finish(ReloadResult("swapped", trigger, loaded.index_id, previous_id, loaded.load_seconds, at=loaded.loaded_at))
+
+    def _back_to_serving_version(self) -> None:
+        """The folder names the version being served again: an earlier failure is no longer current.
+
+        Without this, ``/ready`` kept reporting the error of a version that had gone away, and
+        monitoring kept alerting.
+        """
+        with self._swap_lock:
+            self.last_error = None
+            self._failed_signature = None
 
     def _load_consistent(self, attempts: int = 3) -> Any:
         """Open the index; if the manifest changed meanwhile (a new version landed), open it again."""
@@ -243,8 +255,12 @@ class IndexHolder:
         while not self._stop.wait(self.watch_seconds):
             on_disk = manifest_index_id(self.path)
             current = self._current
-            if on_disk is None or (current is not None and on_disk == current.index_id):
-                continue  # unreadable right now (mid-replacement), or nothing new
+            if on_disk is None:
+                continue  # unreadable right now (mid-replacement)
+            if current is not None and on_disk == current.index_id:
+                if self.last_error is not None:
+                    self._back_to_serving_version()
+                continue  # nothing new
             if self._failed_signature is not None and disk_signature(self.path) == self._failed_signature:
                 continue  # this exact state failed to load already: wait until it changes
             self.reload(trigger="watch")

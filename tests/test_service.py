@@ -381,6 +381,24 @@ def test_failed_reload_keeps_serving_the_old_version(current, limit_small_index,
         assert c.get("/ready").json()["last_error"] is None
 
 
+def test_the_error_clears_when_the_folder_goes_back_to_the_served_version(current, limit_small_index, tmp_path):
+    """A broken version replaced by the one being served: /ready must stop reporting its error."""
+    broken = tmp_path / "broken"
+    shutil.copytree(limit_small_index, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["current"], manifest["index_id"] = "versions/nope", "0123456789abcdef"  # a new version whose folder is missing
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with ServerThread(create_app(current, watch_seconds=0.2, preload=True)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        point(current, broken)
+        assert c.post("/reload").status_code == 500
+        assert "missing" in c.get("/ready").json()["last_error"]
+        point(current, limit_small_index)  # back to the version being served: nothing to load
+        deadline = time.time() + 30
+        while c.get("/ready").json()["last_error"] is not None and time.time() < deadline:
+            time.sleep(0.1)
+        assert c.get("/ready").json()["last_error"] is None
+
+
 def test_not_ready_until_a_loadable_version_arrives(current, tagged_index, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tagged_index, broken)
