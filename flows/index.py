@@ -433,6 +433,13 @@ def index_flow(
     keep_versions
         Versions kept on disk, the current one included (default 2: the previous version stays
         readable while services switch over).
+
+    Returns
+    -------
+    dict
+        The manifest of the version now current, plus ``outcome`` (not stored): ``built`` (a new
+        version), ``up_to_date`` (nothing to do) or ``adopted`` (an existing complete version already
+        held this input and these settings: switched to it, nothing built).
     """
     started = time.perf_counter()
     if keep_versions < 1:
@@ -481,13 +488,13 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         *config.token_codec_key(),
     )
     if current is not None and current.get("build_key") == build_key:
-        return current  # the index already holds exactly this input and these settings
+        return {**current, "outcome": "up_to_date"}  # the index already holds exactly this input and these settings
     for name, manifest in complete_versions(out).items():
         if manifest.get("build_key") == build_key:
             # a run killed between writing this version and switching to it, or a corpus that went back
             # to an earlier state: the version is complete, so switching to it is all that is left
             _switch(out, out / "versions" / name, manifest, keep_versions)
-            return manifest
+            return {**manifest, "outcome": "adopted"}
 
     fs.makedirs(cache)
     previous = _previous_docs(out)
@@ -549,7 +556,7 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
         raise
     _switch(out, version, manifest, keep_versions)
     _tidy_cache(plan, corpus_data.docs, cache, settings, str(out.resolve()))
-    return manifest
+    return {**manifest, "outcome": "built"}
 
 
 def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.SegmentSettings, index_dir: str) -> None:

@@ -123,18 +123,19 @@ def index_config_from_args(args: argparse.Namespace):
 def cmd_index(args: argparse.Namespace) -> int:
     from flows.index import index_flow
     from flows.runners import with_runner
-    from storage.fs import is_local, local_path
+    from storage.fs import local_path
     from storage.manifest import resolve_index_dir
-    from storage.versions import current_version
 
     if args.keep_versions < 1:  # checked here too: inside the flow it came after Prefect's tracebacks
         raise ValueError(f"--keep-versions must be at least 1, got {args.keep_versions}")
     config = index_config_from_args(args)
     flow = with_runner(index_flow, args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers)
-    before = current_version(local_path(args.index)) if is_local(args.index) else None
     manifest = flow(args.corpus, args.index, config, cache=args.cache, keep_versions=args.keep_versions)
-    if before is not None and manifest.get("version") == before:
-        print(f"{args.index} is up to date: version {before} already holds this corpus with these settings (nothing to do)")
+    if manifest.get("outcome") == "up_to_date":
+        print(f"{args.index} is up to date: version {manifest['version']} already holds this corpus with these settings (nothing to do)")
+        return 0
+    if manifest.get("outcome") == "adopted":
+        print(f"{args.index}: switched to version {manifest['version']}, built earlier from this corpus with these settings (nothing encoded)")
         return 0
     counts = manifest["counts"]
     print(
@@ -170,9 +171,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def finite_json(value):
+    """``value`` with every NaN or infinity (corpus metadata may hold them) as None: strict JSON, as the HTTP API gives.
+
+    Examples
+    --------
+    >>> finite_json({"a": [1.5, float("nan")], "b": {"c": float("-inf")}, "d": "x"})
+    {'a': [1.5, None], 'b': {'c': None}, 'd': 'x'}
+    """
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def print_hits(hits, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+        print(json.dumps(finite_json([h.to_dict() for h in hits]), ensure_ascii=False, indent=2, allow_nan=False))
         return
     for h in hits:
         snippet = " ".join(h.text.split())
@@ -412,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lateflow: stopped {len(reaped)} temporary Prefect server(s) left running by killed runs (pids {reaped})", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # finished segments and versions are on disk: the same command picks up from there
+        print(f"lateflow {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as exc:
         # user-facing failures (bad input, missing index, offline model) get one clear line, not a traceback
         print(f"lateflow {args.command}: error: {exc}", file=sys.stderr)

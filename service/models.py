@@ -24,10 +24,10 @@ class PRFRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fb_docs: Annotated[int, Field(ge=1, le=20, description="feedback documents")] = _PRF.fb_docs
-    k: Annotated[int, Field(ge=2, le=256, description="k-means clusters; must exceed fb_embs")] = _PRF.k
-    fb_embs: Annotated[int, Field(ge=1, le=128, description="expansion embeddings kept")] = _PRF.fb_embs
-    beta: Annotated[float, Field(ge=0, le=100, description="weight of expansion embeddings, times IDF")] = _PRF.beta
+    fb_docs: Annotated[int, Field(strict=True, ge=1, le=20, description="feedback documents")] = _PRF.fb_docs
+    k: Annotated[int, Field(strict=True, ge=2, le=256, description="k-means clusters; must exceed fb_embs")] = _PRF.k
+    fb_embs: Annotated[int, Field(strict=True, ge=1, le=128, description="expansion embeddings kept")] = _PRF.fb_embs
+    beta: Annotated[float, Field(strict=True, ge=0, le=100, description="weight of expansion embeddings, times IDF")] = _PRF.beta
     mode: Literal[PRF_MODES] = Field(_PRF.mode, description="rerank the first pass, or retrieve again with the expanded query")  # type: ignore[valid-type]
 
     def config(self) -> PRFConfig:
@@ -45,9 +45,9 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "Who likes Quokkas?", "k": 5}]})
 
         query: Annotated[str, Field(min_length=1, max_length=limits.max_query_chars, description="the query text")]
-        k: Annotated[int, Field(ge=1, le=limits.max_k, description="documents to return")] = 10
+        k: Annotated[int, Field(strict=True, ge=1, le=limits.max_k, description="documents to return")] = 10
         candidates: Annotated[
-            int, Field(ge=1, le=limits.max_candidates, description="ANN chunk candidates reranked by exact MaxSim (raised to k if lower)")
+            int, Field(strict=True, ge=1, le=limits.max_candidates, description="ANN chunk candidates reranked by exact MaxSim (raised to k if lower)")
         ] = DEFAULT_CANDIDATES
         scope: Literal[RERANK_SCOPES] = Field(  # type: ignore[valid-type]
             DEFAULT_RERANK_SCOPE, description="rerank every chunk of a candidate document, or only the chunks the ANN returned"

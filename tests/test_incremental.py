@@ -298,3 +298,14 @@ def test_indexes_sharing_a_cache_keep_each_others_segments(tmp_path, limit_docs,
     shutil.rmtree(tmp_path / "B2")
     index_flow(str(write_jsonl(tmp_path / "a3.jsonl", limit_docs[:12])), str(tmp_path / "A"), config(), cache=cache)
     assert not tokens() & of_b and of_a <= tokens() and len(tokens()) == 4
+
+
+def test_the_flow_says_whether_it_built_adopted_or_found_nothing_to_do(tmp_path, limit_docs, prefect_harness):
+    a, b = write_jsonl(tmp_path / "a.jsonl", limit_docs[:6]), write_jsonl(tmp_path / "b.jsonl", limit_docs[:7])
+    index = str(tmp_path / "index")
+    first = index_flow(str(a), index, config())
+    assert first["outcome"] == "built" and "outcome" not in read_manifest(index)
+    assert index_flow(str(a), index, config())["outcome"] == "up_to_date"
+    assert index_flow(str(b), index, config())["outcome"] == "built"
+    back = index_flow(str(a), index, config())  # the corpus went back: the kept previous version is switched to
+    assert back["outcome"] == "adopted" and back["version"] == first["version"]

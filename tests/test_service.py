@@ -238,6 +238,9 @@ LIMIT_CASES = [
     ("/search", {"k": 3}, 422, "invalid_request"),
     ("/search", {"query": 5}, 422, "invalid_request"),
     ("/search", {"query": "x", "k": "ten"}, 422, "invalid_request"),
+    ("/search", {"query": "x", "k": "5"}, 422, "invalid_request"),  # no lax coercion of numbers
+    ("/search", {"query": "x", "k": True}, 422, "invalid_request"),
+    ("/search", {"query": "x", "candidates": 50.0}, 422, "invalid_request"),
     ("/search", {"query": "x", "topk": 3}, 422, "invalid_request"),
     ("/search", {"query": "x", "filter": {"a": {"nested": 1}}}, 422, "invalid_request"),
     ("/search", {"query": "x", "prf": {"k": 5, "fb_embs": 10}}, 422, "invalid_request"),
