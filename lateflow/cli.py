@@ -246,7 +246,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         answer = search_remote(args.server, args.query, k=args.k, candidates=args.candidates, scope=args.scope, prf=prf_body, filter=filters)
         print_hits([SearchHit(**hit) for hit in answer["results"]], args.json)
         return 0
-    index = LateIndex.open(args.index, device=args.device)
+    index = LateIndex.open(args.index, device=args.device, verify=args.verify)
     print_hits(index.search(args.query, k=args.k, candidates=args.candidates, prf=prf, filter=filters, scope=args.scope), args.json)
     return 0
 
@@ -257,6 +257,10 @@ def _search_batch(args: argparse.Namespace, prf) -> int:
 
     if args.out is None or args.server is not None or args.filter:
         raise ValueError("--queries needs --index and --out (no --server, no --filter)")
+    if args.verify:
+        from storage.manifest import read_manifest
+
+        read_manifest(args.index, verify_hashes=True)  # an IndexFormatError naming the damaged file
     result = search_flow(str(args.index), str(args.queries), str(args.out), k=args.k, candidates=args.candidates, prf=prf)
     print(f"searched {result['queries']} queries: {result['rows']} rows in {result['out']}")
     if result["unreadable"]:
@@ -370,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=Path, default=None, help="batch: a queries.jsonl (_id, text) searched by the Prefect search flow; needs --out")
     p.add_argument("--out", type=Path, default=None, help="batch: Parquet file for the ranked run (query_id, rank, doc_id, score, chunk offsets, text)")
     p.add_argument("--index", type=Path, default=None, help="index folder built by `lateflow index` (search in-process)")
+    p.add_argument("--verify", action="store_true", help="with --index: check every index file's sha256 against the manifest first (reads the whole index)")
     p.add_argument("--server", default=None, metavar="URL", help="URL of a running `lateflow serve` to ask instead, e.g. http://127.0.0.1:8000 (sends $LATEFLOW_API_TOKEN if set)")
     p.add_argument("--filter", action="append", default=None, metavar="FIELD=VALUE", help="keep documents whose metadata FIELD equals VALUE (JSON or text); repeat a field for any of")
     p.add_argument("-k", type=int, default=10, help="documents to return (default 10)")

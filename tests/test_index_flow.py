@@ -326,3 +326,17 @@ def test_auto_precision_keeps_an_existing_index_precision(scifact_sample, tmp_pa
     assert LateIndex.open(tmp_path / "fresh").query_precision == fresh["encoding"]["precision"]
     with pytest.raises(ValueError, match="precision must be one of"):
         replace(SMALL, precision="fp16")
+
+
+def test_search_verify_catches_same_size_damage(scifact_index, tmp_path, capsys):
+    from lateflow.cli import main as cli_main
+
+    out, _ = scifact_index
+    shutil.copytree(out, tmp_path / "copy")
+    tokens = resolve_index_dir(tmp_path / "copy") / files.TOKENS_FILE
+    data = bytearray(tokens.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])  # same size: only the hash tells
+    tokens.write_bytes(bytes(data))
+    assert cli_main(["search", "--index", str(tmp_path / "copy"), "statins", "-k", "1", "--verify"]) == 2
+    assert "content hash differs" in capsys.readouterr().err
