@@ -373,21 +373,29 @@ def _encoding_precision(config: "IndexConfig", current: dict[str, Any] | None) -
     return resolve_precision("auto", select_device(config.device))
 
 
-def _previous_docs(index_dir: Path) -> dict[str, str]:
-    """doc_id -> content hash of the current version (empty when there is none)."""
+def _previous_docs(index_dir: Path) -> dict[str, tuple[str, str | None]]:
+    """doc_id -> (content hash, metadata JSON) of the current version (empty when there is none)."""
     try:
-        table = pq.read_table(resolve_index_dir(index_dir) / files.DOCS_FILE, columns=["doc_id", "content_hash"])
-    except (IndexFormatError, OSError, pa.ArrowInvalid):
+        table = pq.read_table(resolve_index_dir(index_dir) / files.DOCS_FILE, columns=["doc_id", "content_hash", "metadata"])
+    except (IndexFormatError, OSError, pa.ArrowInvalid, KeyError):
         return {}
-    return dict(zip(table.column("doc_id").to_pylist(), table.column("content_hash").to_pylist()))
+    return {d: (h, m) for d, h, m in zip(*(table.column(c).to_pylist() for c in ("doc_id", "content_hash", "metadata")))}
 
 
-def _changes(previous: dict[str, str], docs: pa.Table) -> dict[str, int]:
-    """How the corpus differs from the current version: new, changed, unchanged and removed documents."""
-    ids, hashes = docs.column("doc_id").to_pylist(), docs.column("content_hash").to_pylist()
+def _changes(previous: dict[str, tuple[str, str | None]], docs: pa.Table) -> dict[str, int]:
+    """How the corpus differs from the current version: new, changed, unchanged and removed documents.
+
+    ``metadata_changed`` counts unchanged documents (same title and text, not re-encoded) whose
+    metadata changed: the new version serves and filters on the new values.
+    """
+    ids, hashes, metadata = (docs.column(c).to_pylist() for c in ("doc_id", "content_hash", "metadata"))
     new = sum(d not in previous for d in ids)
-    changed = sum(d in previous and previous[d] != h for d, h in zip(ids, hashes))
-    return {"new": new, "changed": changed, "unchanged": len(ids) - new - changed, "removed": len(set(previous) - set(ids))}
+    changed = sum(d in previous and previous[d][0] != h for d, h in zip(ids, hashes))
+    metadata_changed = sum(d in previous and previous[d][0] == h and previous[d][1] != m for d, h, m in zip(ids, hashes, metadata))
+    return {
+        "new": new, "changed": changed, "unchanged": len(ids) - new - changed, "removed": len(set(previous) - set(ids)),
+        "metadata_changed": metadata_changed,
+    }
 
 
 def _switch(out: Path, version: Path, manifest: dict[str, Any], keep_versions: int) -> list[str]:

@@ -147,6 +147,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(
             f"version {manifest['version']}: {inc['docs_new']} new, {inc['docs_changed']} changed, {inc['docs_unchanged']} unchanged, "
             f"{inc['docs_removed']} removed documents; encoded {inc['docs_encoded']} documents in {inc['segments_encoded']} of {inc['segments']} segments"
+            + (f"; new metadata for {inc['docs_metadata_changed']} unchanged documents" if inc.get("docs_metadata_changed") else "")
         )
     if counts["rejected"]:
         print(f"{counts['rejected']} records rejected: see {resolve_index_dir(local_path(args.index)) / 'rejected.parquet'}")

@@ -139,6 +139,8 @@ def filter_keys(filter: Mapping[str, Any]) -> dict[str, set[tuple[str, Any]]]:
     keys: dict[str, set[tuple[str, Any]]] = {}
     for name, wanted in filter.items():
         values = wanted if isinstance(wanted, (list, tuple)) else [wanted]
+        if not values:  # "any of nothing" would silently return no result at all
+            raise ValueError(f"filter field {name!r}: an empty list matches no document; give at least one value")
         accepted = {_match_key(v) for v in values}
         if None in accepted:
             raise ValueError(f"filter field {name!r}: values must be strings, numbers, booleans or null (or a list of them)")

@@ -69,6 +69,8 @@ REQUIRED_SECTIONS = {"model": ("path", "dim"), "encoding": ("precision",), "fde"
 
 def _load(path: Path, index_dir: Path) -> dict[str, Any]:
     """Parse a manifest file and check its format fields (not its files)."""
+    if index_dir.is_file():
+        raise IndexFormatError(f"{index_dir}: a file, not an index folder (give the folder `lateflow index --index` wrote)")
     if not index_dir.is_dir():
         raise IndexFormatError(f"{index_dir}: no such index folder (build one with `lateflow index`)")
     if not path.is_file():

@@ -233,6 +233,9 @@ def test_file_urls_and_an_fsspec_cache_and_corpus(tmp_path, limit_docs, prefect_
 def test_reading_a_missing_index_names_the_problem(tmp_path):
     with pytest.raises(IndexFormatError, match="no such index folder"):
         read_manifest(tmp_path / "nothing")
+    (tmp_path / "corpus.jsonl").write_text("{}\n")
+    with pytest.raises(IndexFormatError, match="a file, not an index folder"):
+        read_manifest(tmp_path / "corpus.jsonl")
 
 
 def test_a_failed_assembly_leaves_no_version_behind(tmp_path, limit_docs, prefect_harness, monkeypatch):
@@ -309,3 +312,14 @@ def test_the_flow_says_whether_it_built_adopted_or_found_nothing_to_do(tmp_path,
     assert index_flow(str(b), index, config())["outcome"] == "built"
     back = index_flow(str(a), index, config())  # the corpus went back: the kept previous version is switched to
     assert back["outcome"] == "adopted" and back["version"] == first["version"]
+
+
+def test_a_metadata_only_change_is_counted_and_encodes_nothing(tmp_path, limit_docs, prefect_harness):
+    docs = [{**d, "source": "a"} for d in limit_docs[:6]]
+    index = str(tmp_path / "index")
+    index_flow(str(write_jsonl(tmp_path / "a.jsonl", docs)), index, config())
+    docs[2] = {**docs[2], "source": "b"}
+    manifest = index_flow(str(write_jsonl(tmp_path / "b.jsonl", docs)), index, config())
+    inc = manifest["incremental"]
+    assert inc["docs_metadata_changed"] == 1 and inc["docs_unchanged"] == 6 and inc["docs_encoded"] == 0
+    assert [h.doc_id for h in LateIndex.open(index).search(QUERIES[0], k=6, filter={"source": "b"})] == [docs[2]["_id"]]

@@ -132,7 +132,8 @@ def test_filter_semantics(tagged):
     assert tagged.search(QUERIES[1], k=5, filter={"flag": 1}) == []
     assert tagged.search(QUERIES[1], k=5, filter={"source": "nowhere"}) == []
     assert tagged.search(QUERIES[1], k=5, filter={"no_such_field": "x"}) == []
-    assert tagged.search(QUERIES[1], k=5, filter={"group": []}) == []
+    with pytest.raises(ValueError, match="filter field 'group': an empty list matches no document"):
+        tagged.search(QUERIES[1], k=5, filter={"group": []})
     with pytest.raises(ValueError, match="filter field 'source'"):
         tagged.search(QUERIES[1], filter={"source": {"nested": 1}})
 
@@ -239,6 +240,7 @@ LIMIT_CASES = [
     ("/search", {"query": 5}, 422, "invalid_request"),
     ("/search", {"query": "x", "k": "ten"}, 422, "invalid_request"),
     ("/search", {"query": "x", "k": "5"}, 422, "invalid_request"),  # no lax coercion of numbers
+    ("/search", {"query": "x", "filter": {"source": []}}, 422, "invalid_request"),  # any of nothing
     ("/search", {"query": "x", "k": True}, 422, "invalid_request"),
     ("/search", {"query": "x", "candidates": 50.0}, 422, "invalid_request"),
     ("/search", {"query": "x", "topk": 3}, 422, "invalid_request"),
