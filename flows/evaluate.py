@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from evaluation.datasets import EvalDataset, load_dataset, subsample
+from evaluation.datasets import DatasetError, EvalDataset, load_dataset, subsample
 from flows.index import IndexConfig, index_flow
 from storage.atomic import atomic_path, write_json
 from tasks.prf import PRFConfig
@@ -51,7 +51,7 @@ def _existing_index(index_path: Path, corpus_path: Path) -> dict[str, Any] | Non
     manifest = read_manifest(index_path)
     built_from = manifest.get("corpus", {}).get("file_sha256")
     if built_from != sha256_file(corpus_path):
-        raise ValueError(
+        raise DatasetError(
             f"{index_path} was built from {manifest.get('corpus', {}).get('path')}, not from {corpus_path} (the files differ): "
             "bring it up to date first (`lateflow index CORPUS --index DIR` with its settings), pass index options "
             "(--window, --fde-reps, ...) to rebuild it here with those, or leave out --index to build a fresh one"
@@ -63,12 +63,16 @@ _opened: dict[str, Any] = {}
 
 
 def _open_index(index_dir: str):
-    """One opened index per folder and process (the token store is large; load it once)."""
+    """One opened index per folder and process (the token store is large; load it once), reopened
+    when the folder's current version changes (a second evaluation after the corpus changed)."""
     from lateflow.engine import LateIndex
+    from storage.manifest import read_manifest
 
-    if index_dir not in _opened:
-        _opened[index_dir] = LateIndex.open(index_dir)
-    return _opened[index_dir]
+    current = read_manifest(index_dir)["index_id"]
+    opened = _opened.get(index_dir)
+    if opened is None or opened.index_id != current:
+        _opened[index_dir] = opened = LateIndex.open(index_dir)
+    return opened
 
 
 def _bytes_on_disk(index_dir: Path) -> int:

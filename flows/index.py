@@ -118,7 +118,8 @@ class IndexConfig:
             raise ValueError(f"batch_tokens (--batch-tokens) must be at least {MIN_BATCH_TOKENS}, got {self.batch_tokens!r}")
         self.fde.config(dim=1)  # FDEConfig names the bad field (repetitions, simhash_bits, ...); dim comes from the model
         if self.device is not None:
-            select_device(self.device)
+            # the name only: with --runner dask the workers encode, and may have the GPU this process lacks
+            select_device(self.device, require_available=False)
 
     def token_codec_key(self) -> list[dict[str, str]]:
         """The codec's part of the build key: empty for float16, so indexes built before codecs keep their key.
@@ -506,65 +507,84 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
 
     fs.makedirs(cache)
     previous = _previous_docs(out)
-    plan = seg.plan_segments(corpus_data.docs, seg.read_catalog(cache, settings), cache, settings, config.shard_size)
-    docs_of = {d: i for i, d in enumerate(corpus_data.docs.column("doc_id").to_pylist())}
-    for s in plan.segments:
-        if s.new:
-            s.present = {stage: seg.stage_file_usable(getattr(s, stage)) for stage in seg.STAGES}
-            if not fs.exists(s.docs):
-                fs.write_parquet(corpus_data.docs.take(pa.array([docs_of[d] for d in s.doc_ids], type=pa.int64())), s.docs)
-    # before any stage runs: another index sharing this cache must not prune what this build needs
-    seg.register_cache_user(cache, str(out.resolve()), {path for s in plan.segments for path in s.paths().values()})
-    to_encode = [s for s in plan.segments if not s.present.get("tokens")]
-    changes = _changes(previous, corpus_data.docs)
-    logger.info(
-        "%d documents: %d new, %d changed, %d unchanged, %d removed; %d of %d segments need work",
-        corpus_data.docs.num_rows, changes["new"], changes["changed"], changes["unchanged"], changes["removed"],
-        sum(not s.complete() for s in plan.segments), len(plan.segments),
-    )
-    _run_stages(plan.segments, model_path, config, encoder_config, fde_config, clock)
-
-    version = new_version_dir(out, build_key)
-    try:
-        with clock("assemble"):
-            facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
-        clock.seconds.update({f"assemble_{stage}": seconds for stage, seconds in facts.pop("stage_seconds").items()})
-        corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
-        body = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "version": version.name,
-            "corpus": {"path": corpus_path, "file_sha256": corpus_data.file_sha256},
-            "model": {"spec": config.model or "default", "path": model_path, "fingerprint": settings.model_fingerprint, "dim": dim},
-            "chunking": config.chunk.to_dict(),
-            "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
-            "fde": fde_config.to_dict(),
-            "ann": {**config.ann.to_dict(), **facts.pop("ann")},
-            "token_store": token_store_entry(config.token_codec, dim),
-            "counts": facts,
-            "incremental": {
-                **{f"docs_{k}": v for k, v in changes.items()},
-                "docs_encoded": sum(len(s.doc_ids) for s in to_encode),
-                "segments": len(plan.segments),
-                "segments_encoded": len(to_encode),
-                "segments_reused": sum(not s.new for s in plan.segments),
-            },
-            "versions": library_versions(),
-            "build_seconds": round(time.perf_counter() - started, 3),
-            # where the build's wall time went (stages sum over segments; the rest is planning and bookkeeping)
-            "stage_seconds": clock.rounded(),
-            "build_key": build_key,
-        }
-        manifest = write_manifest(
-            version, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]
+    me = str(out.resolve())
+    with _building_in_cache(cache, me) as planned:
+        plan = seg.plan_segments(corpus_data.docs, seg.read_catalog(cache, settings), cache, settings, config.shard_size)
+        docs_of = {d: i for i, d in enumerate(corpus_data.docs.column("doc_id").to_pylist())}
+        for s in plan.segments:
+            if s.new:
+                s.present = {stage: seg.stage_file_usable(getattr(s, stage)) for stage in seg.STAGES}
+                if not fs.exists(s.docs):
+                    fs.write_parquet(corpus_data.docs.take(pa.array([docs_of[d] for d in s.doc_ids], type=pa.int64())), s.docs)
+        # before any stage runs: another index sharing this cache must not prune what this build needs
+        planned.update(path for s in plan.segments for path in s.paths().values())
+        seg.register_cache_user(cache, me, planned, building=True)
+        to_encode = [s for s in plan.segments if not s.present.get("tokens")]
+        changes = _changes(previous, corpus_data.docs)
+        logger.info(
+            "%d documents: %d new, %d changed, %d unchanged, %d removed; %d of %d segments need work",
+            corpus_data.docs.num_rows, changes["new"], changes["changed"], changes["unchanged"], changes["removed"],
+            sum(not s.complete() for s in plan.segments), len(plan.segments),
         )
+        _run_stages(plan.segments, model_path, config, encoder_config, fde_config, clock)
+
+        version = new_version_dir(out, build_key)
+        try:
+            with clock("assemble"):
+                facts = assemble_task(str(version), plan, corpus_data, config.ann, config.fde.seed, config.token_codec)
+            clock.seconds.update({f"assemble_{stage}": seconds for stage, seconds in facts.pop("stage_seconds").items()})
+            corpus_path = corpus if not fs.is_local(corpus) else str(fs.local_path(corpus).resolve())
+            body = {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "version": version.name,
+                "corpus": {"path": corpus_path, "file_sha256": corpus_data.file_sha256},
+                "model": {"spec": config.model or "default", "path": model_path, "fingerprint": settings.model_fingerprint, "dim": dim},
+                "chunking": config.chunk.to_dict(),
+                "encoding": {k: v for k, v in encoder_config.to_dict().items() if k != "model_path"},
+                "fde": fde_config.to_dict(),
+                "ann": {**config.ann.to_dict(), **facts.pop("ann")},
+                "token_store": token_store_entry(config.token_codec, dim),
+                "counts": facts,
+                "incremental": {
+                    **{f"docs_{k}": v for k, v in changes.items()},
+                    "docs_encoded": sum(len(s.doc_ids) for s in to_encode),
+                    "segments": len(plan.segments),
+                    "segments_encoded": len(to_encode),
+                    "segments_reused": sum(not s.new for s in plan.segments),
+                },
+                "versions": library_versions(),
+                "build_seconds": round(time.perf_counter() - started, 3),
+                # where the build's wall time went (stages sum over segments; the rest is planning and bookkeeping)
+                "stage_seconds": clock.rounded(),
+                "build_key": build_key,
+            }
+            manifest = write_manifest(
+                version, body, [files.DOCS_FILE, files.CHUNKS_FILE, files.TOKENS_FILE, files.FDE_FILE, files.ANN_FILE, files.REJECTED_FILE, files.IDF_FILE]
+            )
+        except BaseException:
+            # a failed assembly (a full disk, say) leaves no half-written version behind to pile up run
+            # after run; the segments it read stay in the cache for the next attempt
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        _switch(out, version, manifest, keep_versions)
+        _tidy_cache(plan, corpus_data.docs, cache, settings, str(out.resolve()))
+        return {**manifest, "outcome": "built"}
+
+
+@contextlib.contextmanager
+def _building_in_cache(cache: str, index_dir: str) -> Iterator[set[str]]:
+    """Mark this build in the cache's user registry while it runs (see ``register_cache_user``).
+
+    Yields the set of cache files the build plans to use, for the caller to fill. A build that
+    fails is unmarked with those files, so that it does not hold other indexes' pruning back.
+    """
+    planned: set[str] = set()
+    seg.register_cache_user(cache, index_dir, planned, building=True)  # before the catalog is read
+    try:
+        yield planned
     except BaseException:
-        # a failed assembly (a full disk, say) leaves no half-written version behind to pile up run
-        # after run; the segments it read stay in the cache for the next attempt
-        shutil.rmtree(version, ignore_errors=True)
+        seg.register_cache_user(cache, index_dir, planned, building=False)
         raise
-    _switch(out, version, manifest, keep_versions)
-    _tidy_cache(plan, corpus_data.docs, cache, settings, str(out.resolve()))
-    return {**manifest, "outcome": "built"}
 
 
 def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.SegmentSettings, index_dir: str) -> None:
@@ -579,5 +599,5 @@ def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.Segmen
         if 2 * len(live) < len(s.doc_ids):
             s = seg.compact(s, live, cache, settings)
         keep.update(s.paths().values())
-    seg.register_cache_user(cache, index_dir, keep)
+    seg.register_cache_user(cache, index_dir, keep, building=False)
     seg.prune_cache(cache, keep, index_dir)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from flows.settings import apply_quiet_defaults, quiet_input_error_tracebacks, reap_orphaned_ephemeral_servers
 
@@ -129,6 +130,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.keep_versions < 1:  # checked here too: inside the flow it came after Prefect's tracebacks
         raise ValueError(f"--keep-versions must be at least 1, got {args.keep_versions}")
     config = index_config_from_args(args)
+    if args.device and args.runner == "default":  # this process encodes: its device must exist here
+        from tasks.encode import select_device
+
+        select_device(args.device)
     flow = with_runner(index_flow, args.runner, dask_address=args.dask_address, dask_workers=args.dask_workers)
     manifest = flow(args.corpus, args.index, config, cache=args.cache, keep_versions=args.keep_versions)
     if manifest.get("outcome") == "up_to_date":
@@ -240,6 +245,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.queries is not None:
         return _search_batch(args, prf)
     filters = parse_filter(args.filter)
+    if args.server and args.verify:
+        raise ValueError("--verify checks an index folder: use it with --index (the service has `lateflow serve --verify`)")
     if args.server:
         from service.client import search_remote
 
@@ -297,6 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from evaluation.report import render_table
     from flows.evaluate import evaluate_flow
+    from storage.fs import local_path
 
     command = " ".join(["lateflow", "evaluate", *map(str, sys.argv[2:])]) if sys.argv[1:2] == ["evaluate"] else None
     config = index_config_from_args(args)
@@ -309,13 +317,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         str(args.out),
         split=args.split,
         systems=args.systems,
-        index_dir=str(args.index) if args.index else None,
+        index_dir=str(local_path(args.index)) if args.index else None,  # Path() would mangle file:///x into file:/x
         config=config,
         candidates=args.candidates,
         prf=prf_config_from_args(args),
         command=command,
         max_queries=args.max_queries,
-        rebuild_existing=asked,
+        rebuild_existing=asked or args.index is None,  # OUT/index is the command's own: kept up to date
     )
     print(f"\n{report['dataset']} ({report['split']}): {report['docs']} docs, {report['queries']} queries, {report['evaluation_seconds']:.0f} s\n")
     print(render_table(report))
@@ -394,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--split", default="test", help="qrels split (default test)")
     p.add_argument("--systems", nargs="+", default=None, metavar="NAME", help="systems to run (default: all): " + ", ".join(_system_names()))
-    p.add_argument("--index", type=Path, default=None, help="index folder (default OUT/index). An existing one is evaluated as it is, with its own settings, unless index options are given, which rebuild it with those; it must hold this dataset's corpus file")
+    p.add_argument("--index", default=None, help="an existing index folder (path or file:// URL) to evaluate as it is, with its own settings; it must have been built from this dataset's corpus file. Index options that differ from their defaults rebuild it with those instead. Default: OUT/index, built or brought up to date with the index options")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help=f"ANN chunk candidates for fde-rerank (default {DEFAULT_CANDIDATES})")
     p.add_argument("--max-queries", type=int, default=None, metavar="N", help="evaluate a fixed subset of N queries (chosen by a hash of their ids; default: all)")
     _add_index_options(p)
@@ -427,6 +435,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _noting_interrupts() -> Iterator[list[int]]:
+    """Record SIGINT in the yielded list (it still raises KeyboardInterrupt as usual) while the block runs."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # handlers can only be set from the main thread
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -434,16 +464,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     reaped = reap_orphaned_ephemeral_servers()
     if reaped:
         print(f"lateflow: stopped {len(reaped)} temporary Prefect server(s) left running by killed runs (pids {reaped})", file=sys.stderr)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        # finished segments and versions are on disk: the same command picks up from there
-        print(f"lateflow {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+    with _noting_interrupts() as interrupted:
+        try:
+            return int(args.func(args) or 0)
+        except BaseException as exc:
+            return _failure(args, exc, interrupted)
+
+
+def _failure(args: argparse.Namespace, exc: BaseException, interrupted: list[int]) -> int:
+    """The exit code for a command that raised ``exc``, after one line on stderr; a bug is re-raised."""
+    # Ctrl-C reaches Prefect's temporary API server too, so what surfaces here is often not the
+    # KeyboardInterrupt but the flow's next API call failing (httpx.ConnectError): the signal itself
+    # is what counts. Finished segments and versions are on disk: the same command resumes.
+    if interrupted or isinstance(exc, KeyboardInterrupt):
+        # on a line of its own: Prefect's last log record on a dead API server ends without a newline
+        print(f"\nlateflow {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as exc:
-        # user-facing failures (bad input, missing index, offline model) get one clear line, not a traceback
-        print(f"lateflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)):
+        raise exc
+    # user-facing failures (bad input, missing index, offline model) get one clear line, not a traceback
+    print(f"lateflow {args.command}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

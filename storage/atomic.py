@@ -32,10 +32,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp makes the file 0600, and the rename keeps that: a plain open() would have honoured the
-    # umask, so an index built by one service account is readable by the server's account
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
+    try:
+        # mkstemp makes the file 0600, and the rename keeps that: a plain open() would have honoured
+        # the umask, so an index built by one service account is readable by the server's account
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:
+        pass  # a filesystem without modes (CIFS, some FUSE mounts): the file keeps what it has
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -57,19 +61,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def _umask() -> int:
     """The process umask, from /proc where it can be read without changing it (Linux 4.7+).
 
-    Elsewhere reading it means setting it and setting it straight back, which a file created by
-    another thread in between could notice.
+    Elsewhere reading it means setting it and setting it straight back, which races with other
+    threads (the encode stage writes two files at once): that is done once, at import.
     """
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as status:  # a process name may be any bytes
             for line in status:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
+    return _IMPORT_UMASK
+
+
+def _read_umask_by_setting_it() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_IMPORT_UMASK = _read_umask_by_setting_it()
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

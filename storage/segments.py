@@ -121,6 +121,10 @@ def stage_file_usable(path: str) -> bool:
         fs.read_parquet_metadata(path)
         return True
     except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # the system failed, not the file (too many open files, a network error on object
+            # storage): deleting a sound shard would throw away finished work
+            raise
         logging.getLogger("lateflow.index").warning("%s: damaged cache file, deleted and recomputed (%s)", path, exc)
         fs.delete(path)
         return False
@@ -137,30 +141,44 @@ def read_stage_file(path: str, columns: list[str] | None = None, *, memory_map: 
 USERS_DIR = ".lateflow-users"
 
 
-def register_cache_user(cache: str, index_dir: str, files: set[str]) -> None:
-    """Record in the cache which of its files the index at ``index_dir`` uses.
+def register_cache_user(cache: str, index_dir: str, files: set[str], *, building: bool) -> None:
+    """Record in the cache which of its files the index at ``index_dir`` uses, and whether it is building.
 
     Index folders may share a cache (``--cache``; segments are keyed by their settings, so indexes
     that differ only in later stages reuse each other's chunks and tokens). A build prunes what no
     registered index uses (:func:`prune_cache`): pruning by its own needs alone deleted the other
     indexes' segments, so their next update re-encoded everything and a build running at the time
-    failed on a vanished file. A build registers its plan before any stage runs, and what it kept
-    after pruning.
+    failed on a vanished file. A build marks itself ``building`` before it reads the catalog (no
+    other index prunes anything meanwhile: what it is about to reuse is not registered yet), then
+    registers its plan, and after pruning what it kept, no longer building.
     """
     import hashlib
     import json
+    import time
 
-    entry = {"index": index_dir, "files": sorted(_name(path) for path in files)}
+    entry = {"index": index_dir, "files": sorted(_name(path) for path in files), "building": building, "at": time.time()}
     fs.makedirs(f"{cache}/{USERS_DIR}")
     _write_text(f"{cache}/{USERS_DIR}/{hashlib.sha256(index_dir.encode()).hexdigest()[:16]}.json", json.dumps(entry))
 
 
-def _files_of_other_users(cache: str, index_dir: str) -> tuple[set[str], int]:
-    """File names that other live index folders registered, and how many such folders there are."""
-    import json
+# a build marked as running for longer than this was killed: it no longer holds other prunes back
+BUILDING_EXPIRES_SECONDS = 24 * 3600
 
-    names: set[str] = set()
-    users = 0
+
+@dataclass
+class OtherUsers:
+    """What the other index folders registered in a shared cache."""
+
+    files: set[str] = field(default_factory=set)
+    count: int = 0
+    building: bool = False
+
+
+def _other_users(cache: str, index_dir: str) -> OtherUsers:
+    import json
+    import time
+
+    found = OtherUsers()
     for path in fs.list_files(f"{cache}/{USERS_DIR}", suffix=".json"):
         try:
             entry = json.loads(_read_text(path))
@@ -169,12 +187,16 @@ def _files_of_other_users(cache: str, index_dir: str) -> tuple[set[str], int]:
             continue  # half-written by a killed run: that index re-registers at its next build
         if other == index_dir:
             continue
-        if not Path(other).is_dir():
-            fs.delete(path)  # that index folder is gone
+        # only a local cache can tell that another index folder is gone: on object storage shared
+        # by several hosts, a folder missing here may live on another machine
+        if fs.is_local(cache) and not Path(other).is_dir():
+            fs.delete(path)
             continue
-        users += 1
-        names.update(entry.get("files", []))
-    return names, users
+        found.count += 1
+        found.files.update(entry.get("files", []))
+        if entry.get("building") and time.time() - float(entry.get("at", 0)) < BUILDING_EXPIRES_SECONDS:
+            found.building = True
+    return found
 
 
 def _name(path: str) -> str:
@@ -398,17 +420,31 @@ def prune_cache(cache: str, keep: set[str], index_dir: str | None = None) -> int
     """Delete cache files (and leftover temporaries) that neither ``keep`` nor another index registered; return how many went.
 
     With ``index_dir``, the files other index folders registered (:func:`register_cache_user`)
-    are kept too, and temporaries are left alone while another index uses the cache (its build may
-    be writing them).
+    are kept too; nothing is deleted while another one is building, and a temporary only once it
+    is a day old while another index uses the cache (its build may be writing it).
     """
-    others, other_users = _files_of_other_users(cache, index_dir) if index_dir is not None else (set(), 0)
-    keep_names = {_name(path) for path in keep} | others
+    others = _other_users(cache, index_dir) if index_dir is not None else OtherUsers()
+    if others.building:
+        return 0
+    keep_names = {_name(path) for path in keep} | others.files
     removed = 0
     for path in fs.list_files(cache):
         name = _name(path)
         is_ours = name.endswith(".parquet") and name.startswith((DOC_PREFIX, CHUNK_PREFIX, TOKEN_PREFIX, FDE_PREFIX))
-        leftover = name.endswith(".tmp") and other_users == 0
+        leftover = name.endswith(".tmp") and (others.count == 0 or _older_than(path, BUILDING_EXPIRES_SECONDS))
         if (is_ours or leftover) and name not in keep_names:
             fs.delete(path)
             removed += 1
     return removed
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    """Whether a local file was last written more than ``seconds`` ago (False where that is unknown)."""
+    import time
+
+    if not fs.is_local(path):
+        return False
+    try:
+        return time.time() - fs.local_path(path).stat().st_mtime > seconds
+    except OSError:
+        return False

@@ -98,11 +98,13 @@ def punctuation_token_ids(tokenizer: Any) -> np.ndarray:
 MIN_BATCH_TOKENS = 64
 
 
-def select_device(device: str | None = None) -> str:
+def select_device(device: str | None = None, *, require_available: bool = True) -> str:
     """``device`` if given, else cuda when a GPU is present, else cpu.
 
-    A device torch does not know, or cuda where torch sees no GPU, is a ValueError before any work
-    (torch's own failure comes at the first tensor moved, as an AssertionError deep in the model).
+    A device torch does not know, or (``require_available``) cuda where torch sees no GPU, is a
+    ValueError before any work (torch's own failure comes at the first tensor moved, as an
+    AssertionError deep in the model). A Dask flow's coordinator checks the name only: its
+    workers, which encode, may have the GPU it lacks.
 
     Examples
     --------
@@ -119,6 +121,8 @@ def select_device(device: str | None = None) -> str:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):
         raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from None
+    if not require_available:
+        return device
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here (torch {torch.__version__}); leave --device out to use the CPU")
     if kind == "mps" and not torch.backends.mps.is_available():

@@ -408,7 +408,8 @@ def _partitions(x: np.ndarray, config: FDEConfig) -> np.ndarray:
     reps, bits = config.repetitions, config.simhash_bits
     if bits == 0:
         return np.zeros((len(x), reps), dtype=np.int64)
-    signs = (x @ _gaussians_matrix(config)).reshape(len(x), reps, bits) > 0
+    # fixed-shape products here too: a token near a hyperplane must fall on the same side in any batch
+    signs = _project_rows(x, _gaussians_matrix(config)).reshape(len(x), reps, bits) > 0
     return signs.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
 
 

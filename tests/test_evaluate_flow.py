@@ -89,3 +89,19 @@ def test_evaluate_with_an_existing_index_leaves_it_as_it_is(tmp_path, limit_smal
         corpus.write(json.dumps({"_id": "extra", "title": "", "text": "Hugo likes quokkas."}) + "\n")
     assert cli_main(["evaluate", str(other), *args[2:]]) == 2
     assert "was built from" in capsys.readouterr().err and current_version(index) == before
+
+
+def test_evaluate_keeps_its_own_default_index_up_to_date(tmp_path, limit_small, prefect_harness):
+    """Without --index, OUT/index is the command's own: a changed corpus updates it, never an error."""
+    import shutil
+
+    from lateflow.cli import main as cli_main
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(limit_small, dataset)
+    args = ["evaluate", str(dataset), "--out", str(tmp_path / "r"), "--systems", "bm25", "--max-queries", "5", "--fde-reps", "8", "--fde-bits", "3", "--fde-proj", "16"]
+    assert cli_main(args) == 0
+    with open(dataset / "corpus.jsonl", "a", encoding="utf-8") as corpus:
+        corpus.write(json.dumps({"_id": "extra", "title": "", "text": "Hugo likes quokkas."}) + "\n")
+    assert cli_main(args) == 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["docs"] == 47

@@ -500,3 +500,4 @@ def test_encode_query_wants_a_matrix():
         encode_query(np.zeros(8, np.float32), FDEConfig(dim=8))
     with pytest.raises(ValueError, match="dim=8"):
         encode_query(np.zeros((2, 4), np.float32), FDEConfig(dim=8))
+

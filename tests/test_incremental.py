@@ -323,3 +323,43 @@ def test_a_metadata_only_change_is_counted_and_encodes_nothing(tmp_path, limit_d
     inc = manifest["incremental"]
     assert inc["docs_metadata_changed"] == 1 and inc["docs_unchanged"] == 6 and inc["docs_encoded"] == 0
     assert [h.doc_id for h in LateIndex.open(index).search(QUERIES[0], k=6, filter={"source": "b"})] == [docs[2]["_id"]]
+
+
+def test_prune_waits_for_a_building_index_and_keeps_registered_files(tmp_path):
+    import os
+
+    from storage import segments as seg
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    names = ["docs-a.parquet", "tokens-a.parquet", "tokens-b.parquet", "fde-c.parquet", ".tokens-x.parquet.1234.tmp"]
+    for name in names:
+        (cache / name).write_bytes(b"x")
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir(), b.mkdir()
+    seg.register_cache_user(str(cache), str(b), set(), building=True)  # B is reading the catalog
+    assert seg.prune_cache(str(cache), {str(cache / "docs-a.parquet")}, str(a)) == 0
+    seg.register_cache_user(str(cache), str(b), {str(cache / "tokens-b.parquet")}, building=False)
+    assert seg.prune_cache(str(cache), {str(cache / "docs-a.parquet")}, str(a)) == 2  # tokens-a, fde-c
+    assert sorted(p.name for p in cache.iterdir() if p.is_file()) == sorted(["docs-a.parquet", "tokens-b.parquet", ".tokens-x.parquet.1234.tmp"])
+    # a temporary another index's build may be writing stays, until it is a day old
+    old = time.time() - 2 * seg.BUILDING_EXPIRES_SECONDS
+    os.utime(cache / ".tokens-x.parquet.1234.tmp", (old, old))
+    assert seg.prune_cache(str(cache), {str(cache / "docs-a.parquet")}, str(a)) == 1
+    # a building mark a killed run left expires too
+    seg.register_cache_user(str(cache), str(b), set(), building=True)
+    entry = next((cache / seg.USERS_DIR).glob("*.json"))
+    data = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**data, "at": old}))
+    assert seg.prune_cache(str(cache), {str(cache / "docs-a.parquet")}, str(a)) == 1  # tokens-b, no longer registered
+
+
+def test_a_remote_cache_keeps_registrations_of_folders_it_cannot_see(tmp_path):
+    """On object storage shared by hosts, another host's index folder is not on this disk."""
+    from storage import segments as seg
+
+    cache = f"memory://{tmp_path.name}-cache"
+    seg.register_cache_user(cache, "/elsewhere/on/another/host/index", {f"{cache}/tokens-b.parquet"}, building=False)
+    fsspec.filesystem("memory").pipe(f"/{tmp_path.name}-cache/tokens-b.parquet", b"x")
+    assert seg.prune_cache(cache, set(), str(tmp_path / "A")) == 0
+    fsspec.filesystem("memory").rm(f"/{tmp_path.name}-cache", recursive=True)

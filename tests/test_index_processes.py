@@ -195,3 +195,28 @@ def test_bad_input_is_one_line_per_report_without_tracebacks(tmp_path, prefect_s
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(f"lateflow index: error: {corpus}:2: malformed JSON")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, limit_small):
+    """Ctrl-C in a terminal signals the whole process group: the CLI and Prefect's temporary API
+    server. Whatever surfaces (KeyboardInterrupt, or the flow's next API call failing), the CLI says
+    it was interrupted and exits 130; the next run resumes."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1")
+    index = tmp_path / "index"
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "lateflow"), "index", str(limit_small), "--index", str(index), *SMALL_ARGS, "--shard-size", "5"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO,
+        )
+    try:
+        wait_for(lambda: list((index / ".cache").glob("tokens-*.parquet")), 240, "the first encoded segment", proc, log)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(120)
+    finally:
+        stop(proc, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert text.strip().splitlines()[-1] == "lateflow index: interrupted; run the same command again to resume", text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

@@ -60,17 +60,25 @@ def test_only_orphaned_ephemeral_servers_of_this_prefect_home_are_stopped(tmp_pa
     ({"shard_size": 0}, "shard_size"),
     ({"batch_tokens": 10}, "batch_tokens"),
     ({"device": "gpu"}, "not a torch device"),
-    ({"device": "cuda"}, "no CUDA GPU"),
 ])
 def test_index_settings_are_checked_before_any_work(changes, message):
+    from flows.index import IndexConfig
+
+    with pytest.raises(ValueError, match=message):
+        IndexConfig(**changes)
+
+
+def test_cuda_without_a_gpu_is_refused_where_this_process_encodes(capsys):
     import torch
 
     from flows.index import IndexConfig
+    from lateflow.cli import main as cli_main
 
-    if changes.get("device") == "cuda" and torch.cuda.is_available():
+    if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ValueError, match=message):
-        IndexConfig(**changes)
+    IndexConfig(device="cuda")  # a Dask coordinator without a GPU may send work to workers with one
+    assert cli_main(["index", "corpus.jsonl", "--index", "idx", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_bad_fde_settings_are_named_before_any_work():
