@@ -567,7 +567,7 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
             shutil.rmtree(version, ignore_errors=True)
             raise
         _switch(out, version, manifest, keep_versions)
-        _tidy_cache(plan, corpus_data.docs, cache, settings, str(out.resolve()))
+        _tidy_cache(plan, corpus_data.docs, cache, settings, me)
         return {**manifest, "outcome": "built"}
 
 

@@ -32,12 +32,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600, and the rename keeps that: a plain open() would have honoured the
+    # umask, so an index built by one service account is readable by the server's account. A
+    # filesystem without modes (CIFS, some FUSE mounts) refuses fchmod: the file keeps what it has.
     try:
-        # mkstemp makes the file 0600, and the rename keeps that: a plain open() would have honoured
-        # the umask, so an index built by one service account is readable by the server's account
-        os.fchmod(fd, 0o666 & ~_umask())
-    except OSError:
-        pass  # a filesystem without modes (CIFS, some FUSE mounts): the file keeps what it has
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666 & ~_umask())
     finally:
         os.close(fd)
     tmp = Path(tmp_name)

@@ -23,8 +23,11 @@ stays within about twice the size of the live index however the corpus churns.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -152,10 +155,6 @@ def register_cache_user(cache: str, index_dir: str, files: set[str], *, building
     other index prunes anything meanwhile: what it is about to reuse is not registered yet), then
     registers its plan, and after pruning what it kept, no longer building.
     """
-    import hashlib
-    import json
-    import time
-
     entry = {"index": index_dir, "files": sorted(_name(path) for path in files), "building": building, "at": time.time()}
     fs.makedirs(f"{cache}/{USERS_DIR}")
     _write_text(f"{cache}/{USERS_DIR}/{hashlib.sha256(index_dir.encode()).hexdigest()[:16]}.json", json.dumps(entry))
@@ -175,9 +174,6 @@ class OtherUsers:
 
 
 def _other_users(cache: str, index_dir: str) -> OtherUsers:
-    import json
-    import time
-
     found = OtherUsers()
     for path in fs.list_files(f"{cache}/{USERS_DIR}", suffix=".json"):
         try:
@@ -440,8 +436,6 @@ def prune_cache(cache: str, keep: set[str], index_dir: str | None = None) -> int
 
 def _older_than(path: str, seconds: float) -> bool:
     """Whether a local file was last written more than ``seconds`` ago (False where that is unknown)."""
-    import time
-
     if not fs.is_local(path):
         return False
     try:
