@@ -59,6 +59,7 @@ from tasks.ann import ANNConfig, build_ann_from_blocks
 from tasks.chunk import ChunkConfig, chunk_task
 from tasks.encode import MIN_BATCH_TOKENS, PRECISION_CHOICES, PRECISIONS, EncoderConfig, encode_task, load_encoder, resolve_model_path, resolve_precision, select_device
 from tasks.fde import FDEConfig
+from tasks.fde import warm_up as warm_up_fde
 from tasks.fde import fde_task
 from tasks.idf import document_frequencies
 
@@ -200,20 +201,20 @@ def _stage_tasks_parallel() -> bool:
     return context is not None and not isinstance(context.task_runner, ThreadPoolTaskRunner)
 
 
-def _load_encoder_ahead(encoder_config: EncoderConfig, device: str | None) -> Any:
-    """Start loading the encoder on a thread; returns its future (the thread ends with the load)."""
+def _run_ahead(name: str, work: Any) -> Any:
+    """Start ``work()`` on a thread named ``name``; returns a future of its result (the thread ends with it)."""
     import threading
     from concurrent.futures import Future
 
     future: Future = Future()
 
-    def load() -> None:
+    def run() -> None:
         try:
-            future.set_result(load_encoder(encoder_config, device))
+            future.set_result(work())
         except BaseException as exc:  # handed to the caller through the future
             future.set_exception(exc)
 
-    threading.Thread(target=load, name="lateflow-load-encoder", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 
@@ -256,9 +257,14 @@ def _run_stages(
     """Chunk, encode and FDE every segment that lacks a stage file (one task per stage per segment)."""
     todo = [s for s in segments if not s.complete()]
     if not _stage_tasks_parallel():
-        # the checkpoint loads (~2 s) on a thread while the first segment is chunked; load_encoder
-        # caches it for encode_task (same arguments, positional as there)
-        loading = _load_encoder_ahead(encoder_config, config.device) if any(not s.present.get("tokens") for s in todo) else None
+        # the checkpoint loads (~2.5 s) on a thread while the first segment is chunked (load_encoder
+        # caches it for encode_task: same arguments, positional as there), and so does the FDE kernel
+        # (~0.9 s) that would otherwise load beside the encoder, on a busy core. A failed warm-up is
+        # not waited for: the FDE stage meets the same error and reports it.
+        encoding = any(not s.present.get("tokens") for s in todo)
+        loading = _run_ahead("lateflow-load-encoder", lambda: load_encoder(encoder_config, config.device)) if encoding else None
+        if any(not s.present.get("fde") for s in todo):
+            _run_ahead("lateflow-warm-fde", lambda: warm_up_fde(fde_config))
         for s in todo:
             with clock("chunk"):
                 chunk_task(s.docs, s.chunks, model_path, config.chunk)

@@ -377,6 +377,29 @@ class Encoder:
             keep = np.where(without_punct.any(axis=1, keepdims=True), without_punct, keep)
         return keep
 
+    def kept_lengths(self, sequences: pa.ListArray | pa.ChunkedArray) -> np.ndarray:
+        """How many vectors :meth:`encode_ids` keeps of each document sequence, by :meth:`_keep_mask`'s rule.
+
+        Knowing them before encoding lets the caller write every vector straight to its place in one
+        flat store (see :func:`encode_chunks`) instead of concatenating per-chunk copies afterwards.
+        """
+        if isinstance(sequences, pa.ChunkedArray):
+            sequences = sequences.combine_chunks() if sequences.num_chunks else pa.array([], sequences.type)
+        bounds = np.asarray(sequences.offsets, dtype=np.int64)
+        ids = np.asarray(sequences.values, dtype=np.int64)[bounds[0] : bounds[-1]]
+        bounds = bounds - bounds[0]
+
+        def per_sequence(mask: np.ndarray) -> np.ndarray:
+            running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+            return running[bounds[1:]] - running[bounds[:-1]]
+
+        keep = ~np.isin(ids, self.special_ids)
+        kept = per_sequence(keep)
+        if self.config.drop_punctuation:
+            without_punct = per_sequence(keep & ~np.isin(ids, self.punctuation_ids))
+            kept = np.where(without_punct > 0, without_punct, kept)
+        return kept
+
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], *, is_query: bool = False, progress: bool = False
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -509,46 +532,70 @@ def encode_chunks_with_fdes(chunks: pa.Table, encoder: Encoder, fde_config: Any,
 
 
 def _encode_chunks(chunks: pa.Table, encoder: Encoder, progress: bool, fdes: Any) -> pa.Table:
-    sequences = chunks.column("input_ids").to_pylist()
-    token_ids: list[Any] = [None] * len(sequences)
-    vectors: list[Any] = [None] * len(sequences)
+    input_ids = chunks.column("input_ids")
+    sequences = input_ids.to_pylist()
+    # every chunk's vectors go straight to their rows of one float16 store (the encoder yields them
+    # in length-bucketed order): no per-chunk copy, no final concatenation (~1 s per 400k tokens)
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(encoder.kept_lengths(input_ids), out=offsets[1:])
+    flat_ids = np.empty(offsets[-1], dtype=np.int32)
+    flat_vectors = np.empty((offsets[-1], encoder.dim), dtype=np.float16)
     pooled = np.zeros((len(sequences), encoder.dim), dtype=np.float16)
     pending: list[int] = []
     pending_tokens = 0
     for index, ids, vecs, pool in encoder.encode_ids(sequences, progress=progress):
-        token_ids[index], vectors[index], pooled[index] = ids, vecs.astype(np.float16), pool
+        start, end = offsets[index], offsets[index + 1]
+        if len(ids) != end - start:  # kept_lengths and encode_ids disagree: a bug, never a silent misalignment
+            raise RuntimeError(f"chunk {index}: the encoder kept {len(ids)} tokens, {end - start} expected")
+        flat_ids[start:end], flat_vectors[start:end], pooled[index] = ids, vecs, pool
         if fdes is not None:
             # hand the FDE thread about one encoder batch of tokens at a time
             pending.append(index)
             pending_tokens += len(ids)
             if pending_tokens >= encoder.config.batch_tokens:
-                fdes.submit(pending, [vectors[i] for i in pending])
+                fdes.submit(pending, [flat_vectors[offsets[i] : offsets[i + 1]] for i in pending])
                 pending, pending_tokens = [], 0
     if fdes is not None and pending:
-        fdes.submit(pending, [vectors[i] for i in pending])
-    return tokens_table(chunks.column("chunk_id"), token_ids, vectors, pooled, encoder.dim)
+        fdes.submit(pending, [flat_vectors[offsets[i] : offsets[i + 1]] for i in pending])
+    return flat_tokens_table(chunks.column("chunk_id"), flat_ids, flat_vectors, offsets, pooled)
 
 
 def tokens_table(chunk_ids: Any, token_ids: Sequence[np.ndarray], vectors: Sequence[np.ndarray], pooled: np.ndarray, dim: int) -> pa.Table:
     """Build a token-store table from per-chunk id arrays, (n_i, dim) float16 matrices and pooled vectors."""
-    lengths = np.array([len(t) for t in token_ids], dtype=np.int32)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in token_ids], out=offsets[1:])
     flat_ids = np.concatenate(token_ids) if len(token_ids) else np.zeros(0, np.int32)
     flat_vecs = np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float16)
-    byte_offsets = offsets.astype(np.int64) * (2 * dim)
+    return flat_tokens_table(chunk_ids, flat_ids, flat_vecs.reshape(-1, dim), offsets, pooled)
+
+
+def flat_tokens_table(chunk_ids: Any, token_ids: np.ndarray, vectors: np.ndarray, offsets: np.ndarray, pooled: np.ndarray) -> pa.Table:
+    """Build a token-store table from flat arrays: chunk ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+
+    ``token_ids`` (n,) int32, ``vectors`` (n, dim) float16, ``offsets`` (n_chunks + 1,) from 0,
+    ``pooled`` (n_chunks, dim). The vectors' buffer becomes the table's without a copy when it is
+    C-contiguous little-endian float16.
+
+    Examples
+    --------
+    >>> table = flat_tokens_table(np.array([7, 8]), np.array([101, 102, 103], np.int32),
+    ...                           np.ones((3, 2), np.float16), np.array([0, 1, 3]), np.zeros((2, 2)))
+    >>> table.column("token_ids").to_pylist(), [len(b) for b in table.column("embeddings").to_pylist()]
+    ([[101], [102, 103]], [4, 8])
+    """
+    dim = vectors.shape[1]
+    offsets = np.asarray(offsets, dtype=np.int64)
     embeddings = pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), len(lengths), [None, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(flat_vecs, dtype="<f2"))]
+        pa.large_binary(), len(offsets) - 1, [None, pa.py_buffer(offsets * (2 * dim)), pa.py_buffer(np.ascontiguousarray(vectors, dtype="<f2"))]
     )
-    schema = tokens_schema(dim)
     return pa.Table.from_arrays(
         [
             pa.array(chunk_ids, type=pa.int64()) if not isinstance(chunk_ids, pa.ChunkedArray) else chunk_ids,
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids.astype(np.int32))),
+            pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(np.asarray(token_ids, dtype=np.int32))),
             embeddings,
             pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(pooled, np.float16).reshape(-1)), dim),
         ],
-        schema=schema,
+        schema=tokens_schema(dim),
     )
 
 

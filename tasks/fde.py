@@ -501,6 +501,16 @@ def encode_documents(tokens: np.ndarray, offsets: np.ndarray, config: FDEConfig)
     return _encode(tokens, offsets, config, is_query=False)
 
 
+def warm_up(config: FDEConfig) -> None:
+    """Import and load the compiled FDE kernel and build ``config``'s matrices, on a tiny batch.
+
+    The first document batch otherwise pays for it (~0.9 s: importing numba, then loading the
+    kernel from its disk cache) on the thread that runs beside the encoder, where every core is
+    busy; the index flow calls this while the first segment is chunked, which leaves a core idle.
+    """
+    encode_documents(np.zeros((1, config.dim), np.float16), np.array([0, 1]), config)
+
+
 def encode_queries(tokens: np.ndarray, offsets: np.ndarray, config: FDEConfig) -> np.ndarray:
     """Query FDEs (sum per partition, never filled) of a CSR batch of token sets.
 

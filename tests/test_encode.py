@@ -39,6 +39,27 @@ def test_documents_drop_punctuation_but_never_end_up_empty(encoder):
     assert len(out[1][0]) == len(seqs[1])  # all-punctuation chunk keeps its tokens
 
 
+def test_kept_lengths_predict_what_encoding_keeps(encoder):
+    """The flat store of encode_chunks is laid out from kept_lengths before encoding: they must agree."""
+    import pyarrow as pa
+
+    tok = encoder.tokenizer
+    rng = np.random.default_rng(3)
+    punct = encoder.punctuation_ids.tolist()
+    specials = encoder.special_ids.tolist()
+    words = tok("cells proteins and DNA of mice", add_special_tokens=False)["input_ids"]
+    seqs = [tok("...!!", add_special_tokens=False)["input_ids"], [specials[0], punct[0]], [specials[-1]]]
+    for _ in range(12):  # words, punctuation and special ids (a literal "[SEP]" in a text) mixed at random
+        seqs.append(rng.choice(words + punct[:5] + specials, size=int(rng.integers(1, 20))).tolist())
+    arrays = pa.chunked_array([pa.array(seqs[:5], pa.list_(pa.int32())), pa.array(seqs[5:], pa.list_(pa.int32()))])
+    expected = np.zeros(len(seqs), np.int64)
+    for i, ids, _, _ in encoder.encode_ids(seqs):
+        expected[i] = len(ids)
+    assert encoder.kept_lengths(arrays).tolist() == expected.tolist()
+    assert encoder.kept_lengths(pa.array(seqs, pa.list_(pa.int32())).slice(4)).tolist() == expected[4:].tolist()
+    assert 0 in expected.tolist()  # a chunk of special ids only keeps nothing
+
+
 def test_batched_encoding_matches_single(encoder):
     tok = encoder.tokenizer
     texts = ["short", "a much longer sentence about the immune response of mice", "medium length text"]

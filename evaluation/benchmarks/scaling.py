@@ -526,28 +526,6 @@ def _pooled(vectors: np.ndarray, offsets: np.ndarray, block_rows: int = 1 << 18)
     return out
 
 
-def _tokens_table(vectors: np.ndarray, token_ids: np.ndarray, offsets: np.ndarray, pooled: np.ndarray) -> pa.Table:
-    """tokens.parquet table over a flat float16 store, without copying it.
-
-    Same schema and layout as :func:`tasks.encode.tokens_table`, which concatenates per-chunk
-    arrays and copies the bytes twice: at 100k that is 10 GB more than this machine can spare.
-    """
-    from storage.schemas import tokens_schema
-
-    dim = vectors.shape[1]
-    flat = np.ascontiguousarray(vectors, dtype="<f2")
-    embeddings = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(offsets) - 1, [None, pa.py_buffer(offsets.astype(np.int64) * 2 * dim), pa.py_buffer(flat)])
-    return pa.Table.from_arrays(
-        [
-            pa.array(np.arange(len(offsets) - 1, dtype=np.int64)),
-            pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(token_ids.astype(np.int32, copy=False))),
-            embeddings,
-            pa.FixedSizeListArray.from_arrays(pa.array(pooled.astype(np.float16).reshape(-1)), dim),
-        ],
-        schema=tokens_schema(dim),
-    )
-
-
 def _synthetic_fdes(vectors: np.ndarray, offsets: np.ndarray, config, out: np.ndarray, batch: int = 4096) -> None:
     """Document FDEs of CSR sets into ``out``, ``batch`` sets at a time (bounded temporaries)."""
     from tasks.fde import encode_documents
@@ -568,6 +546,7 @@ def build_base(source: Source, plan: CorpusPlan, folder: Path) -> tuple[dict[str
 
     from storage import index_files as files
     from storage.atomic import write_json, write_parquet
+    from tasks.encode import flat_tokens_table
     from tasks.idf import document_frequencies
     from tasks.rerank import gather_rows
 
@@ -586,7 +565,7 @@ def build_base(source: Source, plan: CorpusPlan, folder: Path) -> tuple[dict[str
     del rows
     n_real_rows = int(real_offsets[-1])
     pooled = np.concatenate([source.pooled[plan.real_chunks], _pooled(vectors[n_real_rows:], syn.offsets)])
-    write_parquet(_tokens_table(vectors, token_ids, offsets, pooled), folder / files.TOKENS_FILE, compression="none")
+    write_parquet(flat_tokens_table(np.arange(len(offsets) - 1), token_ids, vectors, offsets, pooled), folder / files.TOKENS_FILE, compression="none")
     config = source.fde_config()
     fde = np.empty((len(offsets) - 1, config.output_dim), dtype=np.float32)
     fde[: plan.n_real_chunks] = files.read_fde(source.folder / files.FDE_FILE)[plan.real_chunks]  # same settings: same FDEs
