@@ -120,21 +120,26 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return leaves
 
 
-def parquet_writer(where: Any, schema: pa.Schema, *, compression: str = "zstd") -> pq.ParquetWriter:
-    """A ``ParquetWriter`` with lateflow's options (see :func:`dictionary_columns`)."""
-    return pq.ParquetWriter(where, schema, compression=compression, use_dictionary=dictionary_columns(schema))
+def parquet_writer(where: Any, schema: pa.Schema, *, compression: str = "zstd", page_checksums: bool = False) -> pq.ParquetWriter:
+    """A ``ParquetWriter`` with lateflow's options (see :func:`dictionary_columns`).
+
+    ``page_checksums`` stores a CRC32 per data page (Parquet's own), which a reader can check
+    (``storage.fs.read_parquet(..., verify_checksums=True)``): for files that sit on disk between
+    runs and are reused without a manifest's sha256 (the cache's segment files).
+    """
+    return pq.ParquetWriter(where, schema, compression=compression, use_dictionary=dictionary_columns(schema), write_page_checksum=page_checksums)
 
 
-def write_parquet_to(table: pa.Table, where: Any, *, compression: str = "zstd") -> None:
+def write_parquet_to(table: pa.Table, where: Any, *, compression: str = "zstd", page_checksums: bool = False) -> None:
     """Write ``table`` to a path or stream with lateflow's options (not atomic by itself)."""
-    with parquet_writer(where, table.schema, compression=compression) as writer:
+    with parquet_writer(where, table.schema, compression=compression, page_checksums=page_checksums) as writer:
         writer.write_table(table)
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd") -> Path:
+def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd", page_checksums: bool = False) -> Path:
     """Write ``table`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:
-        write_parquet_to(table, tmp, compression=compression)
+        write_parquet_to(table, tmp, compression=compression, page_checksums=page_checksums)
     return Path(path)
 
 

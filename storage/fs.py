@@ -118,7 +118,7 @@ def exists(path: str | os.PathLike) -> bool:
     return filesystem.get_file_info(inner).type == pafs.FileType.File
 
 
-def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, *, memory_map: bool = False) -> pa.Table:
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, *, memory_map: bool = False, verify_checksums: bool = False) -> pa.Table:
     """Read a Parquet file from a local path or URL.
 
     ``memory_map`` (local files): the file's uncompressed pages (token matrices, FDEs) become the
@@ -129,9 +129,9 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, *, m
     would fault on its next access.
     """
     if is_local(path):
-        return pq.read_table(local_path(path), columns=columns, memory_map=memory_map)
+        return pq.read_table(local_path(path), columns=columns, memory_map=memory_map, page_checksum_verification=verify_checksums)
     filesystem, inner = resolve(path)
-    return pq.read_table(inner, columns=columns, filesystem=filesystem)
+    return pq.read_table(inner, columns=columns, filesystem=filesystem, page_checksum_verification=verify_checksums)
 
 
 # Streaming reads: Parquet pages come through a buffer of this size instead of a whole column chunk
@@ -141,14 +141,14 @@ STREAM_BATCH_BYTES = 64 << 20  # target size of one streamed batch (uncompressed
 
 
 def iter_parquet_batches(
-    path: str | os.PathLike, columns: list[str], *, batch_bytes: int = STREAM_BATCH_BYTES
+    path: str | os.PathLike, columns: list[str], *, batch_bytes: int = STREAM_BATCH_BYTES, verify_checksums: bool = False
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of ``columns`` of a Parquet file (local path or URL), read a page at a time.
 
     Memory stays near one batch of about ``batch_bytes`` (the rows per batch come from the footer's
     uncompressed sizes of these columns) whatever the file's row-group sizes, so a large file can be
     copied straight into a preallocated array: ``pq.read_table`` would hold the whole file, plus a
-    copy when its row groups are combined.
+    copy when its row groups are combined. ``verify_checksums`` as in :func:`read_parquet`.
 
     Examples
     --------
@@ -160,7 +160,9 @@ def iter_parquet_batches(
     (3, 1000, ['x'])
     """
     filesystem, inner = resolve(path)  # local paths too: pyarrow's native file, no Python-level reads
-    with filesystem.open_input_file(inner) as handle, pq.ParquetFile(handle, pre_buffer=False, buffer_size=_STREAM_BUFFER_BYTES) as reader:
+    with filesystem.open_input_file(inner) as handle, pq.ParquetFile(
+        handle, pre_buffer=False, buffer_size=_STREAM_BUFFER_BYTES, page_checksum_verification=verify_checksums
+    ) as reader:
         meta, wanted = reader.metadata, set(columns)
         column_bytes = sum(
             meta.row_group(g).column(c).total_uncompressed_size
@@ -186,10 +188,13 @@ def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
     return read_parquet_metadata(path).schema.to_arrow_schema()
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd") -> str:
-    """Write ``table`` so that readers see the whole file or nothing (see the module docstring)."""
+def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str = "zstd", page_checksums: bool = False) -> str:
+    """Write ``table`` so that readers see the whole file or nothing (see the module docstring).
+
+    ``page_checksums``: see :func:`storage.atomic.parquet_writer`.
+    """
     if is_local(path):
-        write_local_parquet(table, local_path(path), compression=compression)
+        write_local_parquet(table, local_path(path), compression=compression, page_checksums=page_checksums)
         return str(path)
     filesystem, inner = resolve(path)
     parent = inner.rsplit("/", 1)[0]
@@ -199,7 +204,7 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, *, compression: str 
     # move; object stores (where a move is a copy) make an object visible only once uploaded anyway
     tmp = f"{parent}/.{inner.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
     with filesystem.open_output_stream(tmp) as stream:
-        write_parquet_to(table, stream, compression=compression)
+        write_parquet_to(table, stream, compression=compression, page_checksums=page_checksums)
     filesystem.move(tmp, inner)
     return str(path)
 

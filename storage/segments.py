@@ -23,6 +23,7 @@ stays within about twice the size of the live index however the corpus churns.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -133,12 +134,38 @@ def stage_file_usable(path: str) -> bool:
         return False
 
 
-def read_stage_file(path: str, columns: list[str] | None = None, *, memory_map: bool = False) -> pa.Table:
-    """Read a segment's stage file; damage gets an :class:`IndexFormatError` that names the file and the fix."""
+def read_stage_file(path: str, columns: list[str] | None = None, *, memory_map: bool = False, verify: bool = False) -> pa.Table:
+    """Read a segment's stage file; damage gets an :class:`IndexFormatError` that names the file and the fix.
+
+    ``verify`` checks the pages' CRCs (stage files are written with them, :func:`storage.shards.run_cached`):
+    for a file that sat in the cache since an earlier run, where a flipped byte would otherwise be
+    gathered into the index and blessed by its manifest's sha256. A file written by this run is
+    not re-checked. A file that fails is deleted (:func:`damaged_cache_file`).
+    """
     try:
-        return fs.read_parquet(path, columns=columns, memory_map=memory_map)
+        return fs.read_parquet(path, columns=columns, memory_map=memory_map, verify_checksums=verify)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise IndexFormatError(f"{path}: damaged or missing cache file ({exc}); delete it and run again: the next run recomputes it") from exc
+        raise damaged_cache_file(path, exc) from exc
+
+
+def failed_checksum(exc: BaseException) -> bool:
+    """Whether ``exc`` is pyarrow's report of a data page whose CRC does not match its bytes."""
+    return isinstance(exc, OSError) and "checksum verification failed" in str(exc).lower()
+
+
+def damaged_cache_file(path: str, exc: BaseException) -> IndexFormatError:
+    """The error for a cache file that could not be read; one that failed its checksums is deleted first.
+
+    A checksum failure proves the bytes are damaged, so the file can only be recomputed: deleting
+    it makes the next run do that. Any other error may be the system's (a network filesystem, too
+    many open files), so the file stays and the user is told what to do.
+    """
+    if failed_checksum(exc):
+        logging.getLogger("lateflow.index").warning("%s: damaged cache file (%s), deleted", path, exc)
+        with contextlib.suppress(OSError):
+            fs.delete(path)
+        return IndexFormatError(f"{path}: damaged cache file, its page checksums do not match ({exc}); it was deleted: run the same command again, the next run recomputes it")
+    return IndexFormatError(f"{path}: damaged or missing cache file ({exc}); delete it and run again: the next run recomputes it")
 
 
 USERS_DIR = ".lateflow-users"
@@ -370,7 +397,8 @@ def gather(
             for segment, rows in row_selection(plan, doc_ids):
                 path = getattr(segment, stage)
                 if cached[0] != path:
-                    cached = (path, read_stage_file(path, memory_map=True))  # dropped before the build ends
+                    # a file present before this run's stages is checked against its page CRCs
+                    cached = (path, read_stage_file(path, memory_map=True, verify=segment.present.get(stage, False)))  # dropped before the build ends
                 table = cached[1].take(pa.array(rows))
                 ids = pa.array(np.arange(next_id, next_id + table.num_rows, dtype=np.int64))
                 table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), ids)
@@ -392,7 +420,7 @@ def compact(segment: Segment, live: set[str], cache: str, settings: SegmentSetti
     The new files are content-addressed like any segment, so a crash half-way leaves either the old
     segment or both (the next build uses one and prunes the other).
     """
-    write = write or (lambda table, path: fs.write_parquet(table, path))
+    write = write or (lambda table, path: fs.write_parquet(table, path, page_checksums=True))
     keep = [i for i, doc in enumerate(segment.doc_ids) if doc in live]
     ids = [segment.doc_ids[i] for i in keep]
     hashes = [segment.content_hashes[i] for i in keep]
@@ -402,7 +430,7 @@ def compact(segment: Segment, live: set[str], cache: str, settings: SegmentSetti
     spans = [ranges[d] for d in ids if d in ranges]
     rows = pa.array(np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in spans]) if spans else np.zeros(0, np.int64))
     for stage in STAGES:
-        table = fs.read_parquet(getattr(segment, stage)).take(rows)
+        table = read_stage_file(getattr(segment, stage), verify=True).take(rows)
         renumbered = pa.array(np.arange(table.num_rows, dtype=np.int64))
         table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), renumbered)
         write(table, getattr(out, stage))

@@ -599,9 +599,13 @@ class BackgroundDocumentFDEs:
 def fde_task(tokens_path: str, out_path: str, config: FDEConfig) -> StageRun:
     """Prefect task: document FDEs of one shard's token store into ``out_path`` (skipped if there)."""
     from storage.index_files import fde_table, read_token_store
+    from storage.segments import read_stage_file
     from storage.shards import run_cached, timed_stage
 
     def compute():
+        # only a resumed run gets here (the encode stage writes both files), with tokens from disk:
+        # their page CRCs are checked first, or FDEs of damaged tokens would stay cached
+        read_stage_file(tokens_path, ["embeddings"], memory_map=True, verify=True)
         store = read_token_store(tokens_path)
         return fde_table(encode_documents(store.vectors, store.offsets, config))
 

@@ -279,6 +279,45 @@ def test_a_damaged_cache_shard_is_recomputed(tmp_path, limit_docs, prefect_harne
     assert [h.doc_id for h in LateIndex.open(index).search(QUERIES[0], k=5)] == [h.doc_id for h in LateIndex.open(tmp_path / "fresh").search(QUERIES[0], k=5)]
 
 
+def _flip_a_byte_inside(path: Path, column: str) -> None:
+    """Damage ``column``'s data in place: same size, footer intact (bit rot, a bad sector)."""
+    meta = pq.read_metadata(path).row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column)
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    with open(path, "r+b") as handle:
+        handle.seek(middle)
+        byte = handle.read(1)
+        handle.seek(middle)
+        handle.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_a_cache_shard_damaged_inside_is_caught_by_its_page_checksums(tmp_path, limit_docs, prefect_harness):
+    """A flipped byte in a cached token matrix must not be gathered into the index and blessed by its manifest."""
+    index = tmp_path / "index"
+    index_flow(str(write_jsonl(tmp_path / "a.jsonl", limit_docs[:10])), str(index), config())
+    damaged = sorted((index / ".cache").glob("tokens-*.parquet"))[0]
+    _flip_a_byte_inside(damaged, "embeddings")
+    pq.read_table(damaged)  # unchecked, the damage reads as data
+    grown = write_jsonl(tmp_path / "b.jsonl", limit_docs[:11])
+    with pytest.raises(IndexFormatError, match=r"tokens-.*page checksums do not match.*it was deleted: run the same command again"):
+        index_flow(str(grown), str(index), config())
+    assert not damaged.exists()
+    LateIndex.open(index)  # the current version still serves
+    manifest = index_flow(str(grown), str(index), config())
+    assert manifest["incremental"]["segments_encoded"] == 1  # the damaged one (the failed run encoded the new document's)
+    fresh = index_flow(str(grown), str(tmp_path / "fresh"), config())
+    assert [h.doc_id for h in LateIndex.open(index).search(QUERIES[0], k=5)] == [h.doc_id for h in LateIndex.open(tmp_path / "fresh").search(QUERIES[0], k=5)]
+    # a resumed run that computes FDEs from cached tokens checks them too
+    fde = sorted((index / ".cache").glob("fde-*.parquet"))
+    tokens = sorted((index / ".cache").glob("tokens-*.parquet"))
+    for path in fde:
+        path.unlink()
+    _flip_a_byte_inside(tokens[0], "embeddings")
+    with pytest.raises(IndexFormatError, match="page checksums do not match"):
+        index_flow(str(write_jsonl(tmp_path / "c.jsonl", limit_docs[:12])), str(index), config())
+    assert not tokens[0].exists()
+
+
 def test_indexes_sharing_a_cache_keep_each_others_segments(tmp_path, limit_docs, prefect_harness):
     from dataclasses import replace
 
