@@ -345,6 +345,44 @@ def test_a_document_fde_is_bit_identical_in_any_batch():
     np.testing.assert_array_equal(whole, np.vstack(parts))
 
 
+def test_background_fdes_shared_by_a_low_priority_worker_and_the_caller_equal_encode_documents():
+    """The worker (nice 19 on Linux) and result(), which computes what the worker has not started, split the batches."""
+    import os
+    import sys
+    import threading
+
+    rng = np.random.default_rng(5)
+    sets = [rng.normal(size=(int(n), 48)).astype(np.float16) for n in rng.integers(0, 90, size=60)]
+    config = FDEConfig(dim=48, repetitions=5, simhash_bits=4, projection_dim=8)
+    order = rng.permutation(len(sets))  # batches arrive in length-bucketed order, not set order
+    where: list[str] = []
+    encode = fde.BackgroundDocumentFDEs._encode
+
+    gate = threading.Event()
+    priorities = []
+
+    def recording(self, indices, token_sets):
+        where.append(threading.current_thread().name)
+        if threading.current_thread().name.startswith("fde"):
+            priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        elif not gate.is_set():  # the caller's first batch: let the worker go, and give it time to start the next
+            gate.set()
+            threading.Event().wait(0.3)
+        return encode(self, indices, token_sets)
+
+    with fde.BackgroundDocumentFDEs(config, len(sets)) as fdes:
+        fdes._pool.submit(gate.wait)  # hold the worker until the caller is in result()
+        fdes._encode = recording.__get__(fdes)
+        for batch in np.array_split(order, 12):
+            fdes.submit(batch, [sets[i] for i in batch])
+        result = fdes.result()
+    np.testing.assert_array_equal(result, encode_documents(*csr(sets), config))
+    assert len(where) == 12 and where[0] == threading.current_thread().name  # each batch once, the first by the caller
+    assert any(name.startswith("fde") for name in where)
+    if sys.platform.startswith("linux"):
+        assert priorities and set(priorities) == {19}
+
+
 @FAST
 @given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), bits=st.sampled_from([6, 9]), seed=st.integers(0, 2**16))
 def test_many_partitions_match_the_loop_reference(lengths, bits, seed):
