@@ -369,13 +369,22 @@ class Encoder:
         hidden = torch.nn.functional.normalize(hidden, dim=-1)
         return hidden.cpu().numpy(), ids, pooled.cpu().numpy()
 
-    def _keep_mask(self, ids: np.ndarray, is_query: bool) -> np.ndarray:
+    def _token_masks(self, ids: np.ndarray, is_query: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per id: not a special token; and, for documents that drop punctuation, not punctuation either (else None).
+
+        A sequence keeps the second mask unless that leaves it empty: a chunk of pure punctuation
+        keeps its punctuation rather than vanish (:meth:`_keep_mask`, :meth:`kept_lengths`).
+        """
         keep = ~np.isin(ids, self.special_ids)
-        if not is_query and self.config.drop_punctuation:
-            without_punct = keep & ~np.isin(ids, self.punctuation_ids)
-            # a chunk of pure punctuation keeps its punctuation rather than vanish
-            keep = np.where(without_punct.any(axis=1, keepdims=True), without_punct, keep)
-        return keep
+        if is_query or not self.config.drop_punctuation:
+            return keep, None
+        return keep, keep & ~np.isin(ids, self.punctuation_ids)
+
+    def _keep_mask(self, ids: np.ndarray, is_query: bool) -> np.ndarray:
+        keep, without_punct = self._token_masks(ids, is_query)
+        if without_punct is None:
+            return keep
+        return np.where(without_punct.any(axis=1, keepdims=True), without_punct, keep)
 
     def kept_lengths(self, sequences: pa.ListArray | pa.ChunkedArray) -> np.ndarray:
         """How many vectors :meth:`encode_ids` keeps of each document sequence, by :meth:`_keep_mask`'s rule.
@@ -393,12 +402,11 @@ class Encoder:
             running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
             return running[bounds[1:]] - running[bounds[:-1]]
 
-        keep = ~np.isin(ids, self.special_ids)
-        kept = per_sequence(keep)
-        if self.config.drop_punctuation:
-            without_punct = per_sequence(keep & ~np.isin(ids, self.punctuation_ids))
-            kept = np.where(without_punct > 0, without_punct, kept)
-        return kept
+        keep, without_punct = self._token_masks(ids, is_query=False)
+        if without_punct is None:
+            return per_sequence(keep)
+        kept_without_punct = per_sequence(without_punct)
+        return np.where(kept_without_punct > 0, kept_without_punct, per_sequence(keep))
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], *, is_query: bool = False, progress: bool = False
