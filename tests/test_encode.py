@@ -60,6 +60,21 @@ def test_kept_lengths_predict_what_encoding_keeps(encoder):
     assert 0 in expected.tolist()  # a chunk of special ids only keeps nothing
 
 
+def test_float16_vectors_from_the_encoder_equal_numpys_cast_bit_for_bit(encoder):
+    """The token store takes torch's float16 cast (on every core); it must round as numpy did before, subnormals included."""
+    tok = encoder.tokenizer
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the immune response of mice to a virus", "DNA repair", "cells")]
+    wide = {i: (ids, v) for i, ids, v, _ in encoder.encode_ids(seqs)}
+    for i, ids, half, _ in encoder.encode_ids(seqs, float16=True):
+        assert half.dtype == np.float16 and np.array_equal(ids, wide[i][0])
+        assert np.array_equal(half.view(np.uint16), wide[i][1].astype(np.float16).view(np.uint16))
+    # the cast itself on values around float16's subnormal range and its rounding ties
+    import torch
+
+    tiny = np.array([6.1e-5, 6.0e-5, 3e-8, 2.98e-8, -1e-6, 1 + 2**-11, 1 + 3 * 2**-11, 65519.0], np.float32)
+    assert np.array_equal(torch.from_numpy(tiny).to(torch.float16).numpy().view(np.uint16), tiny.astype(np.float16).view(np.uint16))
+
+
 def test_batched_encoding_matches_single(encoder):
     tok = encoder.tokenizer
     texts = ["short", "a much longer sentence about the immune response of mice", "medium length text"]
