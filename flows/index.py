@@ -521,7 +521,8 @@ def _build(corpus: str, out: Path, config: IndexConfig, cache: str, keep_version
             if s.new:
                 s.present = {stage: seg.stage_file_usable(getattr(s, stage)) for stage in seg.STAGES}
                 if not fs.exists(s.docs):
-                    fs.write_parquet(corpus_data.docs.take(pa.array([docs_of[d] for d in s.doc_ids], type=pa.int64())), s.docs)
+                    docs_table = corpus_data.docs.take(pa.array([docs_of[d] for d in s.doc_ids], type=pa.int64()))
+                    fs.write_parquet(docs_table, s.docs, page_checksums=True)  # checked when compaction rewrites it
         # before any stage runs: another index sharing this cache must not prune what this build needs
         planned.update(path for s in plan.segments for path in s.paths().values())
         seg.register_cache_user(cache, me, planned, building=True)

@@ -48,16 +48,16 @@ class TokenStore:
         return picked * self.row_scale[rows, None] if self.row_scale is not None else picked
 
 
-def _read(path: Path | str, columns: list[str] | None = None) -> pa.Table:
+def _read(path: Path | str, columns: list[str] | None = None, *, verify: bool = False) -> pa.Table:
     from storage import fs  # shard files of a distributed run may sit behind a URL
 
     try:
-        return fs.read_parquet(path, columns=columns)
+        return fs.read_parquet(path, columns=columns, verify_checksums=verify)
     except (pa.ArrowInvalid, OSError) as exc:
         raise IndexFormatError(f"{path}: unreadable Parquet ({exc})") from exc
 
 
-def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch_bytes: int | None = None) -> TokenStore:
+def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch_bytes: int | None = None, verify: bool = False) -> TokenStore:
     """Load ``tokens.parquet`` into a :class:`TokenStore` (checks that chunk ids are 0..n-1 in order).
 
     The vectors come back as ``dtype`` whatever the file's token codec (:mod:`storage.token_codec`);
@@ -70,8 +70,12 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch
     combined copy beside the result, and kept the Arrow buffers alive behind it. Opening the 100k
     scaling corpus (2.3 GiB held as int8) peaked at 12.3 GiB that way and at 4.0 GiB now; the
     default scifact index at 2.8 and 1.6 GiB (``evaluation/benchmarks/open_memory.py``, BENCHMARKS 5.4).
+
+    ``verify`` checks every page's CRC as it is read (a cache file written with them); a mismatch
+    raises an :class:`IndexFormatError` whose ``__cause__`` is pyarrow's error
+    (:func:`storage.segments.read_checked` handles it).
     """
-    table = _read(path, ["chunk_id", "token_ids"])
+    table = _read(path, ["chunk_id", "token_ids"], verify=verify)
     chunk_ids = table.column("chunk_id").to_numpy()
     if not np.array_equal(chunk_ids, np.arange(len(chunk_ids))):
         raise IndexFormatError(f"{path}: chunk_id must run 0..n-1 in row order")
@@ -83,9 +87,9 @@ def read_token_store(path: str | os.PathLike, dtype: type = np.float16, *, batch
     del table, ids_col
     field = _field(path, _read_schema(path), "embeddings")
     if pa.types.is_large_binary(field.type) or pa.types.is_binary(field.type):
-        vectors, row_scale = _stream_binary_matrix(path, field, offsets, dtype, batch_bytes)
+        vectors, row_scale = _stream_binary_matrix(path, field, offsets, dtype, batch_bytes, verify=verify)
     else:  # format version 1: list<fixed_size_list<float16, dim>> (small indexes of early versions)
-        emb_col = _read(path, ["embeddings"]).column("embeddings").combine_chunks()
+        emb_col = _read(path, ["embeddings"], verify=verify).column("embeddings").combine_chunks()
         if not np.array_equal(emb_col.offsets.to_numpy().astype(np.int64) - emb_col.offsets[0].as_py(), offsets):
             raise IndexFormatError(f"{path}: token_ids and embeddings disagree on token counts")
         dim = emb_col.type.value_type.list_size
@@ -114,7 +118,7 @@ def _read_schema(path: str | os.PathLike) -> pa.Schema:
 
 
 def _stream_binary_matrix(
-    path: str | os.PathLike, field: pa.Field, offsets: np.ndarray, dtype: type, batch_bytes: int | None = None
+    path: str | os.PathLike, field: pa.Field, offsets: np.ndarray, dtype: type, batch_bytes: int | None = None, *, verify: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A binary ``embeddings`` column decoded batch by batch into one preallocated (tokens, dim) array.
 
@@ -129,7 +133,7 @@ def _stream_binary_matrix(
     row_scale = np.empty(n_tokens, dtype=np.float32) if as_int8 else None
     chunk = 0
     try:
-        for batch in fs.iter_parquet_batches(path, ["embeddings"], batch_bytes=batch_bytes or fs.STREAM_BATCH_BYTES):
+        for batch in fs.iter_parquet_batches(path, ["embeddings"], batch_bytes=batch_bytes or fs.STREAM_BATCH_BYTES, verify_checksums=verify):
             column = batch.column(0)
             if chunk + len(column) > n_chunks:
                 raise IndexFormatError(f"{path}: more embeddings rows than token_ids rows ({n_chunks})")

@@ -140,32 +140,65 @@ def read_stage_file(path: str, columns: list[str] | None = None, *, memory_map: 
     ``verify`` checks the pages' CRCs (stage files are written with them, :func:`storage.shards.run_cached`):
     for a file that sat in the cache since an earlier run, where a flipped byte would otherwise be
     gathered into the index and blessed by its manifest's sha256. A file written by this run is
-    not re-checked. A file that fails is deleted (:func:`damaged_cache_file`).
+    not re-checked. A file that fails twice is deleted (:func:`read_checked`).
     """
-    try:
-        return fs.read_parquet(path, columns=columns, memory_map=memory_map, verify_checksums=verify)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise damaged_cache_file(path, exc) from exc
+    if not verify:
+        try:
+            return fs.read_parquet(path, columns=columns, memory_map=memory_map)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise damaged_cache_file(path, exc) from exc
+    return read_checked(path, lambda: fs.read_parquet(path, columns=columns, memory_map=memory_map, verify_checksums=True))
+
+
+def read_checked(path: str, read: Callable[[], Any]) -> Any:
+    """``read()`` of a cache file at ``path`` that checks its page CRCs, with damage handled.
+
+    A CRC failure is read once more before anything is decided: a transient bad read (a network
+    filesystem, a bit flipped in the reader's memory) passes the second time, and the sound file is
+    kept. A second failure proves the bytes on disk are damaged (:func:`damaged_cache_file` deletes
+    the file and says so). Other read errors get the same :class:`IndexFormatError` naming the file;
+    an ``IndexFormatError`` of ``read`` itself that is not about checksums passes unchanged.
+    """
+    for attempt in (1, 2):
+        try:
+            return read()
+        except (pa.ArrowInvalid, OSError, IndexFormatError) as exc:
+            cause = exc.__cause__ if isinstance(exc, IndexFormatError) and exc.__cause__ is not None else exc
+            if not failed_checksum(cause):
+                if isinstance(exc, IndexFormatError):
+                    raise
+                raise damaged_cache_file(path, exc) from exc
+            if attempt == 2:
+                raise damaged_cache_file(path, cause) from exc
+            logging.getLogger("lateflow.index").warning("%s: page checksums failed (%s); reading it once more", path, cause)
+    raise AssertionError("unreachable")
 
 
 def failed_checksum(exc: BaseException) -> bool:
     """Whether ``exc`` is pyarrow's report of a data page whose CRC does not match its bytes."""
-    return isinstance(exc, OSError) and "checksum verification failed" in str(exc).lower()
+    return isinstance(exc, OSError) and "crc checksum verification failed" in str(exc).lower()
 
 
 def damaged_cache_file(path: str, exc: BaseException) -> IndexFormatError:
     """The error for a cache file that could not be read; one that failed its checksums is deleted first.
 
-    A checksum failure proves the bytes are damaged, so the file can only be recomputed: deleting
-    it makes the next run do that. Any other error may be the system's (a network filesystem, too
-    many open files), so the file stays and the user is told what to do.
+    A checksum failure (read twice, :func:`read_checked`) proves the bytes are damaged, so the file
+    can only be recomputed: deleting it makes the next run do that. Any other error may be the
+    system's (a network filesystem, too many open files), so the file stays and the user is told
+    what to do. So is a damaged file that cannot be deleted (a read-only cache).
     """
-    if failed_checksum(exc):
-        logging.getLogger("lateflow.index").warning("%s: damaged cache file (%s), deleted", path, exc)
-        with contextlib.suppress(OSError):
-            fs.delete(path)
-        return IndexFormatError(f"{path}: damaged cache file, its page checksums do not match ({exc}); it was deleted: run the same command again, the next run recomputes it")
-    return IndexFormatError(f"{path}: damaged or missing cache file ({exc}); delete it and run again: the next run recomputes it")
+    if not failed_checksum(exc):
+        return IndexFormatError(f"{path}: damaged or missing cache file ({exc}); delete it and run again: the next run recomputes it")
+    try:
+        fs.delete(path)
+    except Exception as failure:  # noqa: BLE001 - any filesystem's refusal; the message must not claim a deletion
+        logging.getLogger("lateflow.index").warning("%s: damaged cache file (%s), could not delete it (%s)", path, exc, failure)
+        return IndexFormatError(
+            f"{path}: damaged cache file, its page checksums do not match ({exc}); it could not be deleted ({failure}): "
+            "delete it by hand, then run the same command again, the next run recomputes it"
+        )
+    logging.getLogger("lateflow.index").warning("%s: damaged cache file (%s), deleted", path, exc)
+    return IndexFormatError(f"{path}: damaged cache file, its page checksums do not match ({exc}); it was deleted: run the same command again, the next run recomputes it")
 
 
 USERS_DIR = ".lateflow-users"
@@ -425,7 +458,7 @@ def compact(segment: Segment, live: set[str], cache: str, settings: SegmentSetti
     ids = [segment.doc_ids[i] for i in keep]
     hashes = [segment.content_hashes[i] for i in keep]
     out = make_segment(cache, ids, hashes, settings)
-    chunk_docs = fs.read_parquet(segment.chunks, columns=["doc_id"]).column("doc_id").to_pylist()
+    chunk_docs = read_stage_file(segment.chunks, ["doc_id"], verify=True).column("doc_id").to_pylist()
     ranges = doc_row_ranges(chunk_docs)
     spans = [ranges[d] for d in ids if d in ranges]
     rows = pa.array(np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in spans]) if spans else np.zeros(0, np.int64))
@@ -434,7 +467,7 @@ def compact(segment: Segment, live: set[str], cache: str, settings: SegmentSetti
         renumbered = pa.array(np.arange(table.num_rows, dtype=np.int64))
         table = table.set_column(table.schema.get_field_index("chunk_id"), table.schema.field("chunk_id"), renumbered)
         write(table, getattr(out, stage))
-    docs = fs.read_parquet(segment.docs)
+    docs = read_stage_file(segment.docs, verify=True)  # rewritten with fresh CRCs: damage must not be blessed
     write(docs.take(pa.array(keep, type=pa.int64())), out.docs)  # docs last: it makes the segment visible
     out.present = {stage: True for stage in STAGES}
     return out

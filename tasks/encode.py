@@ -562,7 +562,8 @@ def _encode_chunks(chunks: pa.Table, encoder: Encoder, progress: bool, fdes: Any
     for index, ids, vecs, pool in encoder.encode_ids(sequences, progress=progress, float16=True):
         start, end = offsets[index], offsets[index + 1]
         if len(ids) != end - start:  # kept_lengths and encode_ids disagree: a bug, never a silent misalignment
-            raise RuntimeError(f"chunk {index}: the encoder kept {len(ids)} tokens, {end - start} expected")
+            where = f"chunk_id {chunks.column('chunk_id')[index].as_py()}" + (f" of document {chunks.column('doc_id')[index].as_py()!r}" if "doc_id" in chunks.column_names else "")
+            raise RuntimeError(f"{where}: the encoder kept {len(ids)} token vectors where kept_lengths counted {end - start} (a bug, nothing was written)")
         flat_ids[start:end], flat_vectors[start:end], pooled[index] = ids, vecs, pool
         if fdes is not None:
             # hand the FDE thread about one encoder batch of tokens at a time

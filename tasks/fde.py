@@ -591,14 +591,20 @@ class BackgroundDocumentFDEs:
     def result(self) -> np.ndarray:
         """Finish every queued batch (re-raising the first failure); return the (n_sets, output_dim) FDEs.
 
-        A batch the worker has not started is computed here, on the caller's thread, at its normal
-        priority: the worker and the caller share what is left, and a busy machine cannot starve it.
+        The caller takes the batches the worker has not started from the back of the queue while
+        the worker goes on from the front, at normal priority: the two share what is left, and a
+        busy machine cannot starve the worker's share. (Walking from the front, the caller would
+        wait on the worker's batch, and the worker would claim the next one before the caller could:
+        the caller never got one.)
         """
-        for future, indices, token_sets in self._queued:
+        started = []
+        for future, indices, token_sets in reversed(self._queued):
             if future.cancel():
                 self._encode(indices, token_sets)
             else:
-                future.result()
+                started.append(future)
+        for future in reversed(started):
+            future.result()
         return self.out
 
     def __enter__(self) -> "BackgroundDocumentFDEs":
@@ -622,14 +628,13 @@ def _lowest_thread_priority() -> None:
 def fde_task(tokens_path: str, out_path: str, config: FDEConfig) -> StageRun:
     """Prefect task: document FDEs of one shard's token store into ``out_path`` (skipped if there)."""
     from storage.index_files import fde_table, read_token_store
-    from storage.segments import read_stage_file
+    from storage.segments import read_checked
     from storage.shards import run_cached, timed_stage
 
     def compute():
         # only a resumed run gets here (the encode stage writes both files), with tokens from disk:
-        # their page CRCs are checked first, or FDEs of damaged tokens would stay cached
-        read_stage_file(tokens_path, ["embeddings"], memory_map=True, verify=True)
-        store = read_token_store(tokens_path)
+        # their page CRCs are checked as they are read, or FDEs of damaged tokens would stay cached
+        store = read_checked(tokens_path, lambda: read_token_store(tokens_path, verify=True))
         return fde_table(encode_documents(store.vectors, store.offsets, config))
 
     return timed_stage(lambda: run_cached(out_path, compute, compression="none"))  # random-looking float32: zstd gains nothing

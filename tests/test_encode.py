@@ -221,3 +221,19 @@ def test_auto_precision_follows_the_device(monkeypatch):
     monkeypatch.undo()
     # the real probe answers without raising, whatever this CPU is
     assert encode.fast_bf16("cpu") in (True, False) and encode.fast_bf16("mps") is False
+
+
+def test_a_store_layout_that_disagrees_with_the_encoder_stops_naming_the_chunk(encoder, scifact_sample, monkeypatch):
+    """kept_lengths lays the flat store out before encoding: a disagreement must never misalign rows silently."""
+    from storage.corpus import read_corpus
+    from tasks.chunk import ChunkConfig, chunk_documents
+    from tasks.encode import encode_chunks
+
+    docs = read_corpus(scifact_sample).docs.slice(0, 2)
+    chunks = chunk_documents(docs, encoder.tokenizer, ChunkConfig(window=64, overlap=16))
+    counted = encoder.kept_lengths(chunks.column("input_ids"))
+    counted[-1] += 1
+    monkeypatch.setattr(encoder, "kept_lengths", lambda sequences: counted)
+    last = chunks.slice(chunks.num_rows - 1)
+    with pytest.raises(RuntimeError, match=rf"chunk_id {last['chunk_id'][0].as_py()} of document '{last['doc_id'][0].as_py()}'.*kept_lengths counted"):
+        encode_chunks(chunks, encoder)

@@ -346,7 +346,7 @@ def test_a_document_fde_is_bit_identical_in_any_batch():
 
 
 def test_background_fdes_shared_by_a_low_priority_worker_and_the_caller_equal_encode_documents():
-    """The worker (nice 19 on Linux) and result(), which computes what the worker has not started, split the batches."""
+    """The worker (nice 19 on Linux) takes batches from the front, result() the unstarted ones from the back."""
     import os
     import sys
     import threading
@@ -355,32 +355,38 @@ def test_background_fdes_shared_by_a_low_priority_worker_and_the_caller_equal_en
     sets = [rng.normal(size=(int(n), 48)).astype(np.float16) for n in rng.integers(0, 90, size=60)]
     config = FDEConfig(dim=48, repetitions=5, simhash_bits=4, projection_dim=8)
     order = rng.permutation(len(sets))  # batches arrive in length-bucketed order, not set order
-    where: list[str] = []
+    batches = np.array_split(order, 12)
+    batch_of = {int(b[0]): k for k, b in enumerate(batches)}
+    done: list[tuple[int, str]] = []
     encode = fde.BackgroundDocumentFDEs._encode
-
-    gate = threading.Event()
+    gate, worker_started = threading.Event(), threading.Event()
     priorities = []
 
     def recording(self, indices, token_sets):
-        where.append(threading.current_thread().name)
-        if threading.current_thread().name.startswith("fde"):
+        on_worker = threading.current_thread().name.startswith("fde")
+        if on_worker:
             priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        elif not gate.is_set():  # the caller's first batch: let the worker go, and give it time to start the next
+            worker_started.set()
+        elif not gate.is_set():  # the caller's first batch: let the worker go, and wait until it runs one
             gate.set()
-            threading.Event().wait(0.3)
+            assert worker_started.wait(30)
+        done.append((batch_of[int(indices[0])], "worker" if on_worker else "caller"))
         return encode(self, indices, token_sets)
 
     with fde.BackgroundDocumentFDEs(config, len(sets)) as fdes:
         fdes._pool.submit(gate.wait)  # hold the worker until the caller is in result()
         fdes._encode = recording.__get__(fdes)
-        for batch in np.array_split(order, 12):
+        for batch in batches:
             fdes.submit(batch, [sets[i] for i in batch])
         result = fdes.result()
     np.testing.assert_array_equal(result, encode_documents(*csr(sets), config))
-    assert len(where) == 12 and where[0] == threading.current_thread().name  # each batch once, the first by the caller
-    assert any(name.startswith("fde") for name in where)
+    assert sorted(k for k, _ in done) == list(range(12))  # each batch exactly once
+    caller = [k for k, who in done if who == "caller"]
+    worker = [k for k, who in done if who == "worker"]
+    assert caller[0] == 11 and caller == sorted(caller, reverse=True)  # from the back
+    assert worker[0] == 0 and worker == sorted(worker) and max(worker) < min(caller)  # from the front
     if sys.platform.startswith("linux"):
-        assert priorities and set(priorities) == {19}
+        assert set(priorities) == {19}
 
 
 @FAST

@@ -313,9 +313,45 @@ def test_a_cache_shard_damaged_inside_is_caught_by_its_page_checksums(tmp_path, 
     for path in fde:
         path.unlink()
     _flip_a_byte_inside(tokens[0], "embeddings")
+    third = write_jsonl(tmp_path / "c.jsonl", limit_docs[:12])
     with pytest.raises(IndexFormatError, match="page checksums do not match"):
-        index_flow(str(write_jsonl(tmp_path / "c.jsonl", limit_docs[:12])), str(index), config())
+        index_flow(str(third), str(index), config())
     assert not tokens[0].exists()
+    # and no FDE of the damaged tokens stayed cached: the next run's FDEs are a fresh build's, bit for bit
+    index_flow(str(third), str(index), config())
+    index_flow(str(third), str(tmp_path / "fresh3"), config())
+    fdes = [files.read_fde(LateIndex.open(path).path / files.FDE_FILE) for path in (index, tmp_path / "fresh3")]
+    np.testing.assert_array_equal(*fdes)
+
+
+def test_a_checksum_failure_is_read_twice_and_a_file_that_cannot_be_deleted_is_not_called_deleted(tmp_path, monkeypatch):
+    from storage import segments
+
+    path = tmp_path / "tokens-x.parquet"
+    path.write_bytes(b"cached")
+    crc = OSError("Could not read page: CRC checksum verification failed")
+    reads = iter([crc, "the table"])
+
+    def flaky():
+        value = next(reads)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    assert segments.read_checked(str(path), flaky) == "the table" and path.exists()  # a transient bad read: kept
+
+    def refuse(target):
+        raise PermissionError(13, "read-only cache", str(target))
+
+    def always():
+        raise crc
+
+    monkeypatch.setattr(segments.fs, "delete", refuse)
+    with pytest.raises(IndexFormatError, match="could not be deleted.*read-only cache.*delete it by hand") as caught:
+        segments.read_checked(str(path), always)
+    assert "it was deleted" not in str(caught.value) and path.exists()
+    with pytest.raises(IndexFormatError, match="unreadable"):  # an error of the reader that is not about checksums passes unchanged
+        segments.read_checked(str(path), lambda: (_ for _ in ()).throw(IndexFormatError("x: unreadable")))
 
 
 def test_indexes_sharing_a_cache_keep_each_others_segments(tmp_path, limit_docs, prefect_harness):
