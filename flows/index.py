@@ -604,7 +604,13 @@ def _tidy_cache(plan: seg.Plan, docs: pa.Table, cache: str, settings: seg.Segmen
     for s in plan.segments:
         live = {d for d, h in zip(s.doc_ids, s.content_hashes) if (d, h) in live_pairs}
         if 2 * len(live) < len(s.doc_ids):
-            s = seg.compact(s, live, cache, settings)
+            try:
+                s = seg.compact(s, live, cache, settings)
+            except IndexFormatError as exc:
+                # the new version is already live and was gathered from checked files: a damaged
+                # cache file found here must not fail that build. The segment stays as it is (a
+                # file that failed its checksums twice is deleted, so the next run recomputes it)
+                _logger().warning("cache compaction skipped a segment: %s", exc)
         keep.update(s.paths().values())
     seg.register_cache_user(cache, index_dir, keep, building=False)
     seg.prune_cache(cache, keep, index_dir)

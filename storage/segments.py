@@ -156,8 +156,8 @@ def read_checked(path: str, read: Callable[[], Any]) -> Any:
     A CRC failure is read once more before anything is decided: a transient bad read (a network
     filesystem, a bit flipped in the reader's memory) passes the second time, and the sound file is
     kept. A second failure proves the bytes on disk are damaged (:func:`damaged_cache_file` deletes
-    the file and says so). Other read errors get the same :class:`IndexFormatError` naming the file;
-    an ``IndexFormatError`` of ``read`` itself that is not about checksums passes unchanged.
+    the file and says so). Any other read error (``read``'s own :class:`IndexFormatError` included)
+    keeps the file and gets the cache's message: the file, the cause, and how to recompute it.
     """
     for attempt in (1, 2):
         try:
@@ -165,12 +165,12 @@ def read_checked(path: str, read: Callable[[], Any]) -> Any:
         except (pa.ArrowInvalid, OSError, IndexFormatError) as exc:
             cause = exc.__cause__ if isinstance(exc, IndexFormatError) and exc.__cause__ is not None else exc
             if not failed_checksum(cause):
-                if isinstance(exc, IndexFormatError):
-                    raise
-                raise damaged_cache_file(path, exc) from exc
+                raise damaged_cache_file(path, cause) from exc
             if attempt == 2:
                 raise damaged_cache_file(path, cause) from exc
             logging.getLogger("lateflow.index").warning("%s: page checksums failed (%s); reading it once more", path, cause)
+            # the error's traceback holds the first attempt's arrays: drop it before reading again
+            del cause
     raise AssertionError("unreachable")
 
 

@@ -22,14 +22,6 @@ import pyarrow as pa
 from storage import fs
 
 
-def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file (local path or URL), naming the file in the error if it is unreadable."""
-    try:
-        return fs.read_parquet(path, columns=columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise OSError(f"{path}: cannot read Parquet file ({exc})") from exc
-
-
 @dataclass(frozen=True)
 class StageRun:
     """What one stage task did for one shard: the file it guarantees and the wall seconds it took.

@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from storage.corpus import full_text
 from storage.hashing import sha256_text
 from storage.schemas import CHUNKS
-from storage.shards import StageRun, read_table, run_cached, timed_stage
+from storage.segments import read_stage_file
+from storage.shards import StageRun, run_cached, timed_stage
 
 
 @dataclass(frozen=True)
@@ -123,4 +124,6 @@ def chunk_task(docs_path: str, out_path: str, model_path: str, config: ChunkConf
     """
     from tasks.encode import load_tokenizer
 
-    return timed_stage(lambda: run_cached(out_path, lambda: chunk_documents(read_table(docs_path), load_tokenizer(model_path), config)))
+    # the docs file may have sat in the cache since an earlier run: its page CRCs are checked, or
+    # damaged text would be chunked, encoded and written out again with fresh, valid checksums
+    return timed_stage(lambda: run_cached(out_path, lambda: chunk_documents(read_stage_file(docs_path, verify=True), load_tokenizer(model_path), config)))

@@ -30,7 +30,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.schemas import tokens_schema
-from storage.shards import StageRun, read_table, run_cached, timed_stage
+from storage.segments import read_stage_file
+from storage.shards import StageRun, run_cached, timed_stage
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # "auto" is resolved to one of PRECISIONS before anything is encoded (resolve_precision): the
@@ -640,7 +641,7 @@ def encode_shard(
     if fs.exists(out_path):
         return out_path
     encoder = load_encoder(config, device)
-    chunks = read_table(chunks_path)
+    chunks = read_stage_file(chunks_path, verify=True)  # checked like every reused cache file: tokens of damaged ids would be cached as sound
     # float16 vectors and float32 FDEs barely compress: zstd cost ~1.3 s to write and as much to read back per 400k tokens
     if fde_path is None or fde_config is None or fs.exists(fde_path):
         return run_cached(out_path, lambda: encode_chunks(chunks, encoder, progress=True), compression="none")

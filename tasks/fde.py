@@ -554,7 +554,8 @@ class BackgroundDocumentFDEs:
     lowest priority (nice 19): it takes the cores' idle moments, and whatever is still queued when
     the encoder is done, :meth:`result` computes on the caller's thread beside it. Alternated A/B on
     300 scifact documents at bf16, 6 pairs: the encode stage 11.94 s -> 11.74 s (median; the bare
-    encoder loop 11.40 s). The result is bit-identical to :func:`encode_documents` on the stored
+    encoder loop 11.40 s), from the lower priority alone (result() did not share work then;
+    BENCHMARKS.md section 1). The result is bit-identical to :func:`encode_documents` on the stored
     (float16) tokens: each set's FDE depends on its own rows only, and the tokens are rounded to
     float16 before encoding, as stored.
 
@@ -589,7 +590,7 @@ class BackgroundDocumentFDEs:
         self.out[set_indices] = encode_documents(flat, offsets, self.config)
 
     def result(self) -> np.ndarray:
-        """Finish every queued batch (re-raising the first failure); return the (n_sets, output_dim) FDEs.
+        """Finish every queued batch (re-raising a failure of any of them); return the (n_sets, output_dim) FDEs.
 
         The caller takes the batches the worker has not started from the back of the queue while
         the worker goes on from the front, at normal priority: the two share what is left, and a

@@ -283,7 +283,9 @@ def _flip_a_byte_inside(path: Path, column: str) -> None:
     """Damage ``column``'s data in place: same size, footer intact (bit rot, a bad sector)."""
     meta = pq.read_metadata(path).row_group(0)
     chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column)
-    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    # a dictionary-encoded column keeps most of its bytes in the dictionary page, which comes first
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    middle = start + chunk.total_compressed_size // 2
     with open(path, "r+b") as handle:
         handle.seek(middle)
         byte = handle.read(1)
@@ -324,6 +326,51 @@ def test_a_cache_shard_damaged_inside_is_caught_by_its_page_checksums(tmp_path, 
     np.testing.assert_array_equal(*fdes)
 
 
+def test_the_chunk_and_encode_stages_check_the_cached_files_they_read(tmp_path, limit_docs, prefect_harness):
+    """Damaged docs text or chunk ids must not be chunked or encoded into files with fresh, valid checksums."""
+    from dataclasses import replace
+
+    corpus = write_jsonl(tmp_path / "a.jsonl", limit_docs[:5])
+    index, cache = tmp_path / "index", tmp_path / "index" / ".cache"
+    index_flow(str(corpus), str(index), config())
+    # another window re-chunks the cached documents: the chunk stage reads the segment's docs file
+    docs_file = next(cache.glob("docs-*.parquet"))
+    _flip_a_byte_inside(docs_file, "text")
+    assert pq.read_table(docs_file).column("text").to_pylist() != [d["text"] for d in limit_docs[:5]]  # unchecked, damage reads as text
+    wider = replace(config(), chunk=ChunkConfig(window=48, overlap=16))
+    with pytest.raises(IndexFormatError, match=r"docs-.*page checksums do not match.*it was deleted"):
+        index_flow(str(corpus), str(index), wider)
+    assert not docs_file.exists() and len(list(cache.glob("chunks-*.parquet"))) == 1  # no chunks of the damaged text
+    index_flow(str(corpus), str(index), wider)
+    index_flow(str(corpus), str(tmp_path / "fresh"), wider)
+    assert_same_index(index, tmp_path / "fresh")
+    # another encoder setting re-encodes the cached chunks: the encode stage reads the chunks file
+    tokens_before = set(cache.glob("tokens-*.parquet"))
+    for path in cache.glob("chunks-*.parquet"):
+        _flip_a_byte_inside(path, "input_ids.list.element")
+    other_encoder = replace(wider, drop_punctuation=not wider.drop_punctuation)
+    with pytest.raises(IndexFormatError, match=r"chunks-.*page checksums do not match.*it was deleted"):
+        index_flow(str(corpus), str(index), other_encoder)
+    assert set(cache.glob("tokens-*.parquet")) <= tokens_before  # no tokens of the damaged ids were cached
+    index_flow(str(corpus), str(index), other_encoder)
+    index_flow(str(corpus), str(tmp_path / "fresh2"), other_encoder)
+    assert_same_index(index, tmp_path / "fresh2")
+
+
+def test_a_damaged_file_found_while_compacting_the_cache_does_not_fail_a_live_build(tmp_path, limit_docs, prefect_harness, caplog):
+    index, cache = tmp_path / "index", tmp_path / "index" / ".cache"
+    index_flow(str(write_jsonl(tmp_path / "a.jsonl", limit_docs[:10])), str(index), config())
+    for path in cache.glob("docs-*.parquet"):
+        _flip_a_byte_inside(path, "text")
+    # 2 of the first segment's 5 documents stay: that segment is compacted after the switch
+    shrunk = write_jsonl(tmp_path / "b.jsonl", limit_docs[:2] + limit_docs[5:10])
+    manifest = index_flow(str(shrunk), str(index), config())
+    assert manifest["outcome"] == "built"
+    assert len(LateIndex.open(index).doc_ids) == 7
+    assert "damaged cache file" in caplog.text
+    assert len(list(cache.glob("docs-*.parquet"))) == 1  # the damaged file of the compacted segment was deleted, the other kept
+
+
 def test_a_checksum_failure_is_read_twice_and_a_file_that_cannot_be_deleted_is_not_called_deleted(tmp_path, monkeypatch):
     from storage import segments
 
@@ -350,8 +397,10 @@ def test_a_checksum_failure_is_read_twice_and_a_file_that_cannot_be_deleted_is_n
     with pytest.raises(IndexFormatError, match="could not be deleted.*read-only cache.*delete it by hand") as caught:
         segments.read_checked(str(path), always)
     assert "it was deleted" not in str(caught.value) and path.exists()
-    with pytest.raises(IndexFormatError, match="unreadable"):  # an error of the reader that is not about checksums passes unchanged
+    # another error of the reader (its own IndexFormatError too): the file stays, the message says how to recompute it
+    with pytest.raises(IndexFormatError, match="unreadable.*delete it and run again"):
         segments.read_checked(str(path), lambda: (_ for _ in ()).throw(IndexFormatError("x: unreadable")))
+    assert path.exists()
 
 
 def test_indexes_sharing_a_cache_keep_each_others_segments(tmp_path, limit_docs, prefect_harness):
